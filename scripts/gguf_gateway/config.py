@@ -1,0 +1,167 @@
+"""Gateway configuration, read once from the environment.
+
+``Config.from_env`` is a pure function of a mapping so tests pass plain dicts. A bad value
+raises :class:`ConfigError` naming the variable and what it expected; the entrypoint turns
+that into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+VERSION = "0.1.0"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names the variable."""
+
+
+def detect_data_dir(env: Mapping[str, str], root: Path = Path("/")) -> Path:
+    """DATA_DIR if set; else the platform's volume (RunPod serverless, pods/Vast.ai); else /data.
+
+    ``root`` lets tests build the platform directories under a temporary folder.
+    """
+    explicit = env.get("DATA_DIR", "")
+    if explicit:
+        return Path(explicit)
+    if env.get("RUNPOD_POD_ID") and (root / "runpod-volume").is_dir():
+        return root / "runpod-volume"
+    if (root / "workspace").is_dir():
+        return root / "workspace"
+    return root / "data"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _optional_int(env: Mapping[str, str], name: str, minimum: int = 1) -> int | None:
+    if not env.get(name, "").strip():
+        return None
+    return _int(env, name, 0, minimum)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not value > 0:
+        raise ConfigError(f"{name}={raw!r}: must be greater than 0")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true or false")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip() or default
+    value = raw.lower() if name != "LOG_LEVEL" else raw.upper()
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default, minimum=0)
+    if value > 65535:
+        raise ConfigError(f"{name}={value}: expected a TCP port (0-65535)")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    backend_host: str = "127.0.0.1"
+    port_backend: int = 8080
+    backend_api_key: str = ""
+
+    auth_enabled: bool = True
+    auth_keys_file: Path = Path("/data/api_keys.txt")
+    api_key: str = ""
+    api_key_file: Path | None = None
+
+    max_requests_per_minute: int = 100
+    max_concurrent_requests: int | None = None
+    max_queue_size: int | None = None
+    queue_timeout: float = 30.0
+
+    max_request_body_size: int = 10 * 1024 * 1024
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+
+    client_header_timeout: float = 10.0
+    client_idle_timeout: float = 75.0
+    backend_connect_timeout: float = 5.0
+    first_byte_timeout: float = 600.0
+    stream_idle_timeout: float = 120.0
+    sse_keepalive_interval: float = 15.0
+    drain_timeout: float = 8.0
+
+    cors_origins: tuple[str, ...] = ()
+    metrics_auth_enabled: bool = False
+    log_level: str = "INFO"
+    log_format: str = "text"
+    state_file: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        data_dir = detect_data_dir(env)
+        api_key_file = env.get("API_KEY_FILE", "").strip()
+        state_file = env.get("GATEWAY_STATE_FILE", "").strip()
+        return cls(
+            host=env.get("HOST", "").strip() or "0.0.0.0",
+            port=_port(env, "PORT", 8000),
+            port_backend=_port(env, "PORT_BACKEND", 8080),
+            backend_api_key=env.get("BACKEND_API_KEY", ""),
+            auth_enabled=_bool(env, "AUTH_ENABLED", True),
+            auth_keys_file=Path(env.get("AUTH_KEYS_FILE", "").strip() or data_dir / "api_keys.txt"),
+            api_key=env.get("API_KEY", "").strip(),
+            api_key_file=Path(api_key_file) if api_key_file else None,
+            max_requests_per_minute=_int(env, "MAX_REQUESTS_PER_MINUTE", 100, 1),
+            max_concurrent_requests=_optional_int(env, "MAX_CONCURRENT_REQUESTS"),
+            max_queue_size=_optional_int(env, "MAX_QUEUE_SIZE", minimum=0),
+            queue_timeout=_seconds(env, "QUEUE_TIMEOUT", 30.0),
+            max_request_body_size=_int(env, "MAX_REQUEST_BODY_SIZE", 10 * 1024 * 1024, 1),
+            max_header_bytes=_int(env, "MAX_HEADER_BYTES", 16384, 256),
+            max_headers=_int(env, "MAX_HEADERS", 100, 1),
+            client_header_timeout=_seconds(env, "CLIENT_HEADER_TIMEOUT", 10.0),
+            client_idle_timeout=_seconds(env, "CLIENT_IDLE_TIMEOUT", 75.0),
+            backend_connect_timeout=_seconds(env, "BACKEND_CONNECT_TIMEOUT", 5.0),
+            first_byte_timeout=_seconds(env, "FIRST_BYTE_TIMEOUT", 600.0),
+            stream_idle_timeout=_seconds(env, "STREAM_IDLE_TIMEOUT", 120.0),
+            sse_keepalive_interval=_seconds(env, "SSE_KEEPALIVE_INTERVAL", 15.0),
+            drain_timeout=_seconds(env, "DRAIN_TIMEOUT", 8.0),
+            cors_origins=tuple(
+                o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()
+            ),
+            metrics_auth_enabled=_bool(env, "METRICS_AUTH_ENABLED", False),
+            log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
+            state_file=Path(state_file) if state_file else None,
+        )

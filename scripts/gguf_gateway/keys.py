@@ -1,0 +1,228 @@
+"""API keys: the key-file format, the key ring and its reloading.
+
+A key file holds ``key_id:secret [name=value ...]`` lines. The secret is the key itself or
+``sha256:<64 hex>`` of it. Only SHA-256 digests are kept in memory; a presented token is
+hashed once and compared against every key's digest in constant time, without stopping at
+the first match, so timing reveals neither which key matched nor how much of it.
+
+A malformed line is reported by line number (never with its content, which may hold a
+secret) and skipped; the other lines keep working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCOPES = frozenset({"inference", "admin"})
+_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    digest: bytes = field(repr=False)
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    expires: datetime | None = None
+    scopes: frozenset[str] = frozenset({"inference"})
+
+    def expired(self, now: float | None = None) -> bool:
+        if self.expires is None:
+            return False
+        return (time.time() if now is None else now) >= self.expires.timestamp()
+
+
+def digest_of(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def _parse_expires(value: str) -> datetime:
+    stamp = value[:-1] + "+00:00" if value.endswith("Z") else value
+    parsed = datetime.fromisoformat(stamp)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+def parse_key_line(line: str) -> ApiKey:
+    """Parse one non-comment line; ValueError says what is wrong, never the secret."""
+    words = line.split()
+    key_id, colon, secret = words[0].partition(":")
+    if not colon or not secret:
+        raise ValueError("expected key_id:secret")
+    if not _KEY_ID.fullmatch(key_id):
+        raise ValueError("key id must be letters, digits, '.', '_', '@' or '-'")
+    hashed = _HASHED.fullmatch(secret)
+    if hashed:
+        digest = bytes.fromhex(hashed.group(1))
+    elif secret.startswith("sha256:"):
+        raise ValueError("sha256: must be followed by 64 hex digits")
+    else:
+        digest = digest_of(secret)
+    fields: dict[str, object] = {}
+    for word in words[1:]:
+        name, eq, value = word.partition("=")
+        if not eq or not value:
+            raise ValueError(f"field {name!r} needs name=value")
+        if name in fields:
+            raise ValueError(f"field {name!r} given twice")
+        if name in ("rpm", "tpm", "concurrency"):
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{name} must be a positive whole number")
+            fields[name] = int(value)
+        elif name == "expires":
+            try:
+                fields[name] = _parse_expires(value)
+            except ValueError:
+                raise ValueError("expires must be an ISO 8601 time") from None
+        elif name == "scopes":
+            scopes = frozenset(s for s in value.split(",") if s)
+            unknown = scopes - SCOPES
+            if unknown or not scopes:
+                raise ValueError(f"scopes must be among {', '.join(sorted(SCOPES))}")
+            # admin extends inference, it does not replace it.
+            fields[name] = scopes | {"inference"} if "admin" in scopes else scopes
+        else:
+            raise ValueError(f"unknown field {name!r}")
+    return ApiKey(key_id, digest, **fields)  # type: ignore[arg-type]
+
+
+def parse_key_text(text: str, source: str) -> tuple[list[ApiKey], list[str]]:
+    """All valid keys in ``text`` and one problem message per skipped line."""
+    keys: list[ApiKey] = []
+    problems: list[str] = []
+    seen_ids: set[str] = set()
+    seen_digests: set[bytes] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            key = parse_key_line(line)
+        except ValueError as exc:
+            problems.append(f"{source} line {number}: {exc}; line skipped")
+            continue
+        if key.key_id in seen_ids:
+            problems.append(
+                f"{source} line {number}: duplicate key id {key.key_id!r}; line skipped"
+            )
+            continue
+        if key.digest in seen_digests:
+            problems.append(
+                f"{source} line {number}: key {key.key_id!r} repeats an earlier secret; line skipped"
+            )
+            continue
+        seen_ids.add(key.key_id)
+        seen_digests.add(key.digest)
+        keys.append(key)
+    return keys, problems
+
+
+class KeyRing:
+    """An immutable set of keys; ``match`` is constant-time over all of them."""
+
+    def __init__(self, keys: Iterable[ApiKey]) -> None:
+        self.keys = tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def match(self, token: str) -> ApiKey | None:
+        presented = digest_of(token)
+        found: ApiKey | None = None
+        for key in self.keys:
+            # No early exit: every digest is compared whatever the outcome.
+            if hmac.compare_digest(presented, key.digest):
+                found = key
+        return found
+
+
+class KeySource:
+    """Builds the key ring from AUTH_KEYS_FILE, API_KEY and API_KEY_FILE and reloads it.
+
+    The file is re-read when its mtime, size or inode changes (checked at most once a
+    second, on use) and on ``reload()`` (SIGHUP). A file that vanishes or cannot be read
+    keeps the last good ring rather than failing open or locking everyone out.
+    """
+
+    def __init__(
+        self,
+        keys_file: Path,
+        api_key: str = "",
+        api_key_file: Path | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.keys_file = keys_file
+        self.api_key = api_key
+        self.api_key_file = api_key_file
+        self._log = log or (lambda message: None)
+        self._signature: tuple[int, int, int] | None = None
+        self._checked = 0.0
+        self.ring = KeyRing(())
+        self.reload()
+
+    def _single_key(self) -> ApiKey | None:
+        secret = self.api_key
+        if not secret and self.api_key_file is not None:
+            try:
+                secret = self.api_key_file.read_text().strip()
+            except OSError as exc:
+                self._log(f"API_KEY_FILE {self.api_key_file}: cannot read ({exc.strerror})")
+        return (
+            ApiKey("default", digest_of(secret), scopes=frozenset({"inference", "admin"}))
+            if secret
+            else None
+        )
+
+    def reload(self) -> None:
+        keys: list[ApiKey] = []
+        single = self._single_key()
+        try:
+            stat = os.stat(self.keys_file)
+            text = self.keys_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self._signature = None
+        except (OSError, UnicodeDecodeError) as exc:
+            self._log(
+                f"AUTH_KEYS_FILE {self.keys_file}: cannot read ({exc}); keeping previous keys"
+            )
+            return
+        else:
+            self._signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            parsed, problems = parse_key_text(text, str(self.keys_file))
+            for problem in problems:
+                self._log(problem)
+            keys.extend(parsed)
+        if single is not None:
+            if any(k.key_id == "default" for k in keys):
+                self._log("API_KEY: key id 'default' also in AUTH_KEYS_FILE; the file's entry wins")
+            else:
+                keys.append(single)
+        self.ring = KeyRing(keys)
+
+    def current(self, now: float | None = None) -> KeyRing:
+        now = time.monotonic() if now is None else now
+        if now - self._checked >= 1.0:
+            self._checked = now
+            try:
+                stat = os.stat(self.keys_file)
+                signature: tuple[int, int, int] | None = (
+                    stat.st_mtime_ns,
+                    stat.st_size,
+                    stat.st_ino,
+                )
+            except OSError:
+                signature = None
+            if signature != self._signature and signature is not None:
+                self.reload()
+        return self.ring

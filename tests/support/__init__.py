@@ -1,0 +1,1 @@
+"""Test and benchmark helpers: model generation, process control, raw HTTP."""

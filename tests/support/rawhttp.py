@@ -1,0 +1,41 @@
+"""A raw-socket HTTP client for tests that must send bytes no library would send."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+
+def exchange(
+    port: int, data: bytes, timeout: float = 5.0, chunks: list[bytes] | None = None
+) -> tuple[bytes, bool]:
+    """Send ``data`` (or ``chunks`` one by one), read until the server closes.
+
+    Returns everything received and whether the server closed the connection before the
+    timeout.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        for piece in chunks if chunks is not None else [data]:
+            sock.sendall(piece)
+        received = bytearray()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data_in = sock.recv(65536)
+            except TimeoutError:
+                return bytes(received), False
+            except ConnectionResetError:
+                return bytes(received), True
+            if not data_in:
+                return bytes(received), True
+            received += data_in
+        return bytes(received), False
+
+
+def status_of(response: bytes) -> int:
+    line = response.split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise AssertionError(f"no status line in {response[:200]!r}")
+    return int(parts[1])
