@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 
@@ -63,7 +64,8 @@ async def serve(config: Config, keys: KeySource) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    check_only = "--check" in argv
     try:
         config = Config.from_env()
     except ConfigError as exc:
@@ -79,8 +81,22 @@ def main() -> int:
     if config.auth_enabled and not len(keys.ring):
         log.error(NO_KEYS_MESSAGE.format(file=config.auth_keys_file))
         return 2
+    if check_only:
+        # Used by start.sh: validate everything before any process starts.
+        return 0
+    raise_fd_limit()
     return asyncio.run(serve(config, keys))
 
 
+def raise_fd_limit() -> None:
+    """Each client and backend connection is a descriptor; the default 1024 is too few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit above %d", soft)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Health responder for platform probes (RunPod load balancer, Docker HEALTHCHECK).
+
+Any GET or HEAD path on PORT_HEALTH answers from the state the supervisor and gateway
+publish in a small file (GATEWAY_STATE_FILE); it never calls llama-server, so a probe can
+neither slow inference nor be slowed by it:
+
+    starting, loading  -> 204  (RunPod: initializing; cold start runs from here)
+    ready              -> 200
+    draining, failed   -> 503
+
+HEALTH_MODE=static answers 200 always. Without a state file (run on its own) it asks the
+gateway's /ping on loopback instead.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+STATUS_FOR_STATE = {"starting": 204, "loading": 204, "ready": 200, "draining": 503, "failed": 503}
+
+
+def read_state(state_file: str) -> str:
+    try:
+        with open(state_file, encoding="ascii") as handle:
+            return handle.read().strip() or "starting"
+    except FileNotFoundError:
+        return "starting"
+    except (OSError, UnicodeDecodeError):
+        return "failed"
+
+
+def gateway_state(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+    try:
+        conn.request("GET", "/ping")
+        return "ready" if conn.getresponse().status == 200 else "loading"
+    except OSError:
+        return "starting"
+    finally:
+        conn.close()
+
+
+class HealthHandler(BaseHTTPRequestHandler):
+    server_version = "llama-gguf-inference-health"
+    protocol_version = "HTTP/1.1"
+    static = False
+    state_file = ""
+    gateway_port = 8000
+
+    def _answer(self, with_body: bool) -> None:
+        if self.static:
+            state = "ready"
+        elif self.state_file:
+            state = read_state(self.state_file)
+        else:
+            state = gateway_state(self.gateway_port)
+        status = STATUS_FOR_STATE.get(state, 503)
+        body = b"" if status == 204 else json.dumps({"status": state}).encode()
+        self.send_response(status)
+        self.send_header("Cache-Control", "no-store")
+        if status != 204:
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if with_body and body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._answer(with_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(with_body=False)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        # Probes arrive every few seconds; logging each would bury everything else.
+        return
+
+
+def main() -> int:
+    host = os.environ.get("HOST", "").strip() or "0.0.0.0"
+    raw_port = os.environ.get("PORT_HEALTH", "").strip() or "8001"
+    mode = os.environ.get("HEALTH_MODE", "").strip().lower() or "ready"
+    if not raw_port.isdigit() or not 0 <= int(raw_port) <= 65535:
+        print(f"health: PORT_HEALTH={raw_port!r}: expected a TCP port", file=sys.stderr)
+        return 2
+    if mode not in ("ready", "static"):
+        print(f"health: HEALTH_MODE={mode!r}: expected ready or static", file=sys.stderr)
+        return 2
+    gateway_port = os.environ.get("PORT", "8000").strip() or "8000"
+    HealthHandler.static = mode == "static"
+    HealthHandler.state_file = os.environ.get("GATEWAY_STATE_FILE", "").strip()
+    HealthHandler.gateway_port = int(gateway_port) if gateway_port.isdigit() else 8000
+    try:
+        server = ThreadingHTTPServer((host, int(raw_port)), HealthHandler)
+    except OSError as exc:
+        print(f"health: cannot listen on {host}:{raw_port} ({exc.strerror}): is PORT_HEALTH in use?", file=sys.stderr)
+        return 2
+    server.daemon_threads = True
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

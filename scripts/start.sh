@@ -1,0 +1,428 @@
+#!/usr/bin/env bash
+# llama-gguf-inference supervisor: the container entrypoint.
+#
+# Boot diagnostics, platform and DATA_DIR detection, model resolution, a fresh backend
+# key, then three children in order: health responder -> llama-server -> gateway.
+# One child dying takes the others down and the exit status is its status (128+n for a
+# signal). SIGTERM/SIGINT drain: health says 503, the gateway finishes in-flight requests
+# within DRAIN_TIMEOUT, then llama-server stops and the script exits 0.
+#
+# Sourcing the file defines the functions without running main (for tests).
+set -Eeuo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly SCRIPT_DIR
+# Tests point this at a temporary tree to fake /runpod-volume, /workspace and /data.
+ROOT_PREFIX="${ROOT_PREFIX:-}"
+
+# Child PIDs and run-time state, set by main.
+HEALTH_PID=""
+LLAMA_PID=""
+GATEWAY_PID=""
+RUN_DIR=""
+STATE_FILE=""
+
+log() { printf '%s [supervisor] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
+err() { log "ERROR: $*"; }
+# A setting that cannot work: one line naming it, exit 2.
+die_config() {
+  err "$*"
+  exit 2
+}
+
+# ---------------------------------------------------------------- platform and storage
+
+detect_platform() {
+  if [[ -n "${RUNPOD_POD_ID:-}" && -d "${ROOT_PREFIX}/runpod-volume" ]]; then
+    echo "runpod-serverless"
+  elif [[ -n "${RUNPOD_POD_ID:-}" ]]; then
+    echo "runpod-pod"
+  elif [[ -n "${VAST_CONTAINERLABEL:-}" ]]; then
+    echo "vastai"
+  else
+    echo "local"
+  fi
+}
+
+# DATA_DIR: explicit value wins; else the platform's volume; else /data.
+resolve_data_dir() {
+  if [[ -n "${DATA_DIR:-}" ]]; then
+    echo "$DATA_DIR"
+  elif [[ -n "${RUNPOD_POD_ID:-}" && -d "${ROOT_PREFIX}/runpod-volume" ]]; then
+    echo "${ROOT_PREFIX}/runpod-volume"
+  elif [[ -d "${ROOT_PREFIX}/workspace" ]]; then
+    echo "${ROOT_PREFIX}/workspace"
+  else
+    echo "${ROOT_PREFIX}/data"
+  fi
+}
+
+# ---------------------------------------------------------------- validation
+
+# require_uint NAME [MIN] [MAX]: the variable, if set, must be a whole number in range.
+require_uint() {
+  local name="$1" min="${2:-0}" max="${3:-}"
+  local value="${!name:-}"
+  [[ -z "$value" ]] && return 0
+  if [[ ! "$value" =~ ^[0-9]+$ ]]; then
+    die_config "$name='$value': expected a whole number"
+  fi
+  if ((10#$value < min)); then
+    die_config "$name=$value: must be at least $min"
+  fi
+  if [[ -n "$max" ]] && ((10#$value > max)); then
+    die_config "$name=$value: must be at most $max"
+  fi
+}
+
+validate_settings() {
+  require_uint PORT 1 65535
+  require_uint PORT_HEALTH 1 65535
+  require_uint PORT_BACKEND 1 65535
+  require_uint CTX 0
+  require_uint PARALLEL 1
+  if [[ -n "${NGL:-}" && ! "${NGL}" =~ ^([0-9]+|auto|all)$ ]]; then
+    die_config "NGL='${NGL}': expected a number of layers, 'auto' or 'all'"
+  fi
+  case "${HEALTH_MODE:-ready}" in
+    ready | static) ;;
+    *) die_config "HEALTH_MODE='${HEALTH_MODE}': expected ready or static" ;;
+  esac
+  if [[ "$PORT" == "$PORT_HEALTH" || "$PORT" == "$PORT_BACKEND" || "$PORT_HEALTH" == "$PORT_BACKEND" ]]; then
+    die_config "PORT=$PORT, PORT_HEALTH=$PORT_HEALTH and PORT_BACKEND=$PORT_BACKEND must all differ"
+  fi
+}
+
+# port_free PORT: true when nothing listens there (bind test on all interfaces).
+port_free() {
+  python3 - "$1" <<'PY'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("0.0.0.0", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+PY
+}
+
+check_ports() {
+  local name
+  for name in PORT PORT_HEALTH PORT_BACKEND; do
+    if ! port_free "${!name}"; then
+      die_config "$name=${!name} is already in use: stop what listens there or choose another port"
+    fi
+  done
+}
+
+# ---------------------------------------------------------------- llama-server
+
+resolve_llama_bin() {
+  if [[ -n "${LLAMA_SERVER_BIN:-}" ]]; then
+    if [[ ! -x "$LLAMA_SERVER_BIN" ]] && ! command -v "$LLAMA_SERVER_BIN" >/dev/null 2>&1; then
+      die_config "LLAMA_SERVER_BIN=$LLAMA_SERVER_BIN is not an executable file"
+    fi
+    echo "$LLAMA_SERVER_BIN"
+  elif command -v llama-server >/dev/null 2>&1; then
+    command -v llama-server
+  elif [[ -x /app/llama-server ]]; then
+    echo /app/llama-server
+  else
+    die_config "no llama-server found on PATH or at /app/llama-server: set LLAMA_SERVER_BIN"
+  fi
+}
+
+# list_models DIR: the .gguf files a user would call models: first shards of split
+# models only, no multimodal projectors.
+list_models() {
+  local dir="$1" file base
+  shopt -s nullglob
+  for file in "$dir"/*.gguf; do
+    base="$(basename "$file")"
+    [[ "$base" =~ -[0-9]{5}-of-[0-9]{5}\.gguf$ && ! "$base" =~ -00001-of-[0-9]{5}\.gguf$ ]] && continue
+    [[ "$base" == mmproj* ]] && continue
+    echo "$file"
+  done
+  shopt -u nullglob
+}
+
+# resolve_model: sets MODEL_MODE (single|router) and MODEL_FILE; exits 2 when none.
+resolve_model() {
+  local models_dir="$1"
+  MODEL_MODE="single"
+  MODEL_FILE=""
+  if [[ -n "${MODEL_PATH:-}" ]]; then
+    [[ -f "$MODEL_PATH" ]] || die_config "MODEL_PATH=$MODEL_PATH: no such file"
+    MODEL_FILE="$MODEL_PATH"
+    return 0
+  fi
+  if [[ -n "${MODEL_NAME:-}" ]]; then
+    [[ -f "$models_dir/$MODEL_NAME" ]] ||
+      die_config "MODEL_NAME=$MODEL_NAME: no such file in $models_dir (for a split model name its first shard, *-00001-of-0000N.gguf)"
+    MODEL_FILE="$models_dir/$MODEL_NAME"
+    return 0
+  fi
+  local -a found=()
+  if [[ -d "$models_dir" ]]; then
+    mapfile -t found < <(list_models "$models_dir")
+  fi
+  case "${#found[@]}" in
+    0) die_config "no .gguf model in $models_dir: copy one there, or set MODEL_PATH or MODEL_NAME" ;;
+    1) MODEL_FILE="${found[0]}" ;;
+    *) MODEL_MODE="router" ;;
+  esac
+}
+
+# llama_args MODELS_DIR KEY_FILE: prints the llama-server arguments, one per line.
+llama_args() {
+  local models_dir="$1" key_file="$2"
+  if [[ "$MODEL_MODE" == "router" ]]; then
+    printf '%s\n' --models-dir "$models_dir"
+  else
+    printf '%s\n' -m "$MODEL_FILE"
+  fi
+  printf '%s\n' --host 127.0.0.1 --port "$PORT_BACKEND" --api-key-file "$key_file" --metrics --slots
+  [[ -n "${NGL:-}" ]] && printf '%s\n' -ngl "$NGL"
+  [[ -n "${CTX:-}" ]] && printf '%s\n' -c "$CTX"
+  [[ -n "${PARALLEL:-}" ]] && printf '%s\n' -np "$PARALLEL"
+  if [[ -n "${EXTRA_ARGS:-}" ]]; then
+    local -a extra
+    read -r -a extra <<<"$EXTRA_ARGS"
+    printf '%s\n' "${extra[@]}"
+  fi
+  return 0
+}
+
+# The base image and users may set these; the supervisor owns host, port and key.
+scrub_llama_env() {
+  unset LLAMA_ARG_HOST LLAMA_ARG_PORT LLAMA_API_KEY LLAMA_ARG_API_KEY LLAMA_ARG_API_KEY_FILE
+}
+
+# ---------------------------------------------------------------- keys and state
+
+# make_run_dir: a private directory on tmpfs for the backend key and the state file.
+make_run_dir() {
+  local base
+  for base in "${RUN_BASE:-}" /dev/shm "${XDG_RUNTIME_DIR:-}" "${TMPDIR:-/tmp}"; do
+    [[ -n "$base" && -d "$base" && -w "$base" ]] || continue
+    mktemp -d "$base/llama-gguf-inference.XXXXXX" && return 0
+  done
+  die_config "no writable tmpfs for the backend key (tried /dev/shm, XDG_RUNTIME_DIR, TMPDIR)"
+}
+
+generate_backend_key() {
+  local key_file="$1"
+  (
+    umask 077
+    od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$key_file"
+  )
+}
+
+set_state() {
+  [[ -n "$STATE_FILE" ]] || return 0
+  printf '%s\n' "$1" >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
+}
+
+# count_keys FILE: lines that look like keys (the gateway validates them properly).
+count_keys() {
+  local file="$1"
+  [[ -r "$file" ]] || {
+    echo 0
+    return 0
+  }
+  grep -cE '^[[:space:]]*[^#[:space:]][^:[:space:]]*:[^[:space:]]+' "$file" || true
+}
+
+check_auth() {
+  case "${AUTH_ENABLED:-true}" in
+    true | 1 | yes | on | TRUE | True) ;;
+    false | 0 | no | off | FALSE | False) return 0 ;;
+    *) die_config "AUTH_ENABLED='${AUTH_ENABLED}': expected true or false" ;;
+  esac
+  if [[ -e "$AUTH_KEYS_FILE" && ! -r "$AUTH_KEYS_FILE" ]]; then
+    die_config "AUTH_KEYS_FILE=$AUTH_KEYS_FILE is not readable"
+  fi
+  if [[ -n "${API_KEY_FILE:-}" && ! -r "$API_KEY_FILE" ]]; then
+    die_config "API_KEY_FILE=$API_KEY_FILE is not readable"
+  fi
+  if [[ -z "${API_KEY:-}" && -z "${API_KEY_FILE:-}" && "$(count_keys "$AUTH_KEYS_FILE")" == 0 ]]; then
+    die_config "auth is on but no API key exists: run 'python3 $SCRIPT_DIR/key_mgmt.py generate mykey' (writes $AUTH_KEYS_FILE), or set API_KEY, or AUTH_ENABLED=false on a private network"
+  fi
+}
+
+# ---------------------------------------------------------------- diagnostics
+
+human_size() {
+  local bytes="$1"
+  awk -v b="$bytes" 'BEGIN { split("B KiB MiB GiB TiB", u); i = 1; while (b >= 1024 && i < 5) { b /= 1024; i++ } printf "%.1f %s", b, u[i] }'
+}
+
+boot_diagnostics() {
+  local platform="$1" bin="$2" key_count="$3"
+  local model_desc gpu version
+  if [[ "$MODEL_MODE" == "router" ]]; then
+    model_desc="router mode over $MODELS_DIR ($(list_models "$MODELS_DIR" | wc -l) models)"
+  else
+    model_desc="$MODEL_FILE ($(human_size "$(stat -L -c %s "$MODEL_FILE")"))"
+  fi
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | paste -sd ';' - || true)"
+    gpu="${gpu:-nvidia-smi present but no GPU visible (did you pass --gpus all?)}"
+  else
+    gpu="none detected (CPU inference)"
+  fi
+  version="$("$bin" --version 2>&1 | grep -m1 -i 'version' || echo unknown)"
+  log "---- llama-gguf-inference boot ----"
+  log "platform:      $platform"
+  log "DATA_DIR:      $DATA_DIR"
+  log "model:         $model_desc"
+  log "GPU:           $gpu"
+  log "llama-server:  $bin ($version)"
+  log "ports:         gateway $HOST:$PORT, health $HOST:$PORT_HEALTH, backend 127.0.0.1:$PORT_BACKEND"
+  log "auth:          ${AUTH_ENABLED:-true} ($key_count key(s) in $AUTH_KEYS_FILE${API_KEY:+, plus API_KEY}${API_KEY_FILE:+, plus API_KEY_FILE})"
+  log "llama args:    NGL=${NGL:-auto} CTX=${CTX:-auto} PARALLEL=${PARALLEL:-auto} EXTRA_ARGS=${EXTRA_ARGS:-}"
+  log "-----------------------------------"
+}
+
+# ---------------------------------------------------------------- supervision
+
+# stop_child PID SECONDS: SIGTERM, then SIGKILL after SECONDS.
+stop_child() {
+  local pid="$1" grace="$2" waited=0
+  [[ -n "$pid" ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((waited >= grace * 10)); then
+      log "pid $pid did not stop in ${grace}s: killing"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  [[ -n "$RUN_DIR" && -d "$RUN_DIR" ]] && rm -rf "$RUN_DIR"
+  RUN_DIR=""
+}
+
+# Drain on SIGTERM/SIGINT: health 503 at once, gateway finishes in-flight requests,
+# then llama-server stops, then the health responder.
+drain() {
+  trap '' TERM INT
+  log "shutdown requested: draining (DRAIN_TIMEOUT=${DRAIN_TIMEOUT}s)"
+  set_state draining
+  stop_child "$GATEWAY_PID" "$((${DRAIN_TIMEOUT%.*} + 2))"
+  GATEWAY_PID=""
+  stop_child "$LLAMA_PID" 5
+  LLAMA_PID=""
+  stop_child "$HEALTH_PID" 2
+  HEALTH_PID=""
+  cleanup
+  log "stopped cleanly"
+  exit 0
+}
+
+# A child died on its own: the others go too, with its status.
+child_died() {
+  local pid="$1" status="$2" name
+  case "$pid" in
+    "$LLAMA_PID") name="llama-server" LLAMA_PID="" ;;
+    "$GATEWAY_PID") name="gateway" GATEWAY_PID="" ;;
+    "$HEALTH_PID") name="health responder" HEALTH_PID="" ;;
+    *) name="pid $pid" ;;
+  esac
+  ((status == 0)) && status=1
+  err "$name exited unexpectedly (status $status): stopping"
+  set_state failed
+  stop_child "$GATEWAY_PID" 3
+  stop_child "$LLAMA_PID" 5
+  # Let a probe see 503 before the health responder goes.
+  sleep "${FAILED_HEALTH_GRACE:-1}"
+  stop_child "$HEALTH_PID" 2
+  cleanup
+  exit "$status"
+}
+
+supervise() {
+  local started=$SECONDS ticker pid status state
+  while true; do
+    sleep 10 &
+    ticker=$!
+    status=0
+    pid=""
+    wait -n -p pid "$ticker" "$HEALTH_PID" "$LLAMA_PID" "$GATEWAY_PID" || status=$?
+    if [[ -z "${pid:-}" ]]; then
+      # wait was interrupted by a trapped signal; the trap has run.
+      kill "$ticker" 2>/dev/null || true
+      continue
+    fi
+    if [[ "$pid" == "$ticker" ]]; then
+      state="$(cat "$STATE_FILE" 2>/dev/null || echo starting)"
+      if [[ "$state" != "ready" ]]; then
+        log "model still loading ($((SECONDS - started))s): state=$state"
+      fi
+      continue
+    fi
+    kill "$ticker" 2>/dev/null || true
+    child_died "$pid" "$status"
+  done
+}
+
+main() {
+  export HOST="${HOST:-0.0.0.0}" PORT="${PORT:-8000}" PORT_HEALTH="${PORT_HEALTH:-8001}"
+  export PORT_BACKEND="${PORT_BACKEND:-8080}" DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-8}"
+  validate_settings
+
+  local platform bin key_file key_count
+  platform="$(detect_platform)"
+  DATA_DIR="$(resolve_data_dir)"
+  export DATA_DIR
+  export MODELS_DIR="${MODELS_DIR:-$DATA_DIR/models}" LOG_DIR="${LOG_DIR:-$DATA_DIR/logs}"
+  export AUTH_KEYS_FILE="${AUTH_KEYS_FILE:-$DATA_DIR/api_keys.txt}"
+  export PLATFORM="$platform"
+  mkdir -p "$MODELS_DIR" "$LOG_DIR" 2>/dev/null || true
+
+  bin="$(resolve_llama_bin)"
+  resolve_model "$MODELS_DIR"
+  check_auth
+  # The gateway validates every other setting; fail before anything starts.
+  python3 "$SCRIPT_DIR/gateway.py" --check || exit 2
+  check_ports
+  scrub_llama_env
+
+  RUN_DIR="$(make_run_dir)"
+  chmod 700 "$RUN_DIR"
+  STATE_FILE="$RUN_DIR/state"
+  key_file="$RUN_DIR/backend.key"
+  set_state starting
+  trap drain TERM INT
+  trap cleanup EXIT
+  trap 'log "SIGHUP: reloading keys"; [[ -n "$GATEWAY_PID" ]] && kill -HUP "$GATEWAY_PID"' HUP
+
+  # First, so platform probes get 204 (starting) within a second of container start.
+  GATEWAY_STATE_FILE="$STATE_FILE" python3 "$SCRIPT_DIR/health_server.py" &
+  HEALTH_PID=$!
+
+  key_count="$(count_keys "$AUTH_KEYS_FILE")"
+  boot_diagnostics "$platform" "$bin" "$key_count"
+
+  generate_backend_key "$key_file"
+  local -a args
+  mapfile -t args < <(llama_args "$MODELS_DIR" "$key_file")
+  log "starting llama-server (no load deadline: large models take minutes)"
+  "$bin" "${args[@]}" > >(sed -u 's/^/[llama-server] /' >&2) 2>&1 &
+  LLAMA_PID=$!
+
+  BACKEND_API_KEY="$(<"$key_file")" GATEWAY_STATE_FILE="$STATE_FILE" \
+    python3 "$SCRIPT_DIR/gateway.py" &
+  GATEWAY_PID=$!
+
+  supervise
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

@@ -1,0 +1,262 @@
+"""Benchmark: the gateway against llama-server direct, same model, same load, one run.
+
+Prints one JSON object: streaming events/s at several concurrencies with the
+gateway/direct ratio, the latency the gateway adds to a small authenticated request
+(p50/p99), and the gateway's RSS per idle client connection. A benchmark, not a test:
+nothing here passes or fails.
+
+    python tests/bench.py [--streams 1,4,16] [--tokens 256] [--requests 2000] [--idle 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support.make_model import write_model  # noqa: E402
+from support.procs import start_gateway, start_llama_server  # noqa: E402
+
+BACKEND_KEY = "bench-backend-key"
+CLIENT_KEY = "sk-bench-client-key"
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def request(path: str, key: str, body: bytes = b"", method: str = "POST") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {key}\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """Read one response; returns (head, body). Handles Content-Length and chunked."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        parts = []
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return head, b"".join(parts)
+            parts.append(await reader.readexactly(size + 2))
+    start = lower.index(b"content-length:") + 15
+    length = int(lower[start : lower.index(b"\r\n", start)])
+    return head, await reader.readexactly(length)
+
+
+async def one_stream(port: int, key: str, tokens: int) -> int:
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": tokens,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("/v1/chat/completions", key, body))
+        head, payload = await read_response(reader)
+        if b" 200 " not in head.split(b"\r\n")[0]:
+            raise RuntimeError(f"stream failed: {head[:100]!r} {payload[:200]!r}")
+        return payload.count(b"data: ")
+    finally:
+        writer.close()
+
+
+async def streams(port: int, key: str, concurrency: int, tokens: int, rounds: int) -> float:
+    """Events per second with ``concurrency`` streams running at once."""
+    started = time.perf_counter()
+    total = 0
+    for _ in range(rounds):
+        counts = await asyncio.gather(*(one_stream(port, key, tokens) for _ in range(concurrency)))
+        total += sum(counts)
+    return total / (time.perf_counter() - started)
+
+
+async def latencies(port: int, key: str, count: int) -> list[float]:
+    """Sequential small authenticated requests on a keep-alive connection (ms).
+
+    llama-server closes a connection after 100 requests; the client then reconnects, and
+    that request's time is not counted.
+    """
+    data = request("/tokenize", key, b'{"content":"hi"}')
+    out: list[float] = []
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while len(out) < count:
+            started = time.perf_counter()
+            writer.write(data)
+            head, _ = await read_response(reader)
+            elapsed = (time.perf_counter() - started) * 1000
+            if b" 200 " not in head.split(b"\r\n")[0]:
+                raise RuntimeError(f"request failed: {head[:100]!r}")
+            out.append(elapsed)
+            if b"connection: close" in head.lower():
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        writer.close()
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def idle_connections(port: int, pid: int, count: int) -> dict[str, float]:
+    before = rss_kib(pid)
+    conns = []
+    ping = b"GET /ping HTTP/1.1\r\nHost: bench\r\n\r\n"
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(ping)
+        await read_response(reader)
+        conns.append((reader, writer))
+    await asyncio.sleep(0.5)
+    after = rss_kib(pid)
+    # Still answering promptly with all of them open?
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(ping)
+    await read_response(reader)
+    prompt_ms = (time.perf_counter() - started) * 1000
+    writer.close()
+    for _, w in conns:
+        w.close()
+    return {
+        "connections": count,
+        "rss_kib_before": before,
+        "rss_kib_after": after,
+        "rss_bytes_per_connection": round((after - before) * 1024 / count, 1),
+        "new_request_ms_while_held": round(prompt_ms, 2),
+    }
+
+
+async def run(args: argparse.Namespace, backend_port: int, gateway_port: int, gateway_pid: int) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for concurrency in args.streams:
+        # Enough rounds that each measurement lasts seconds, not milliseconds.
+        rounds = max(4, 64 // concurrency)
+        # Warm up both paths, then alternate direct/gateway runs and keep the best of each.
+        await streams(backend_port, BACKEND_KEY, concurrency, 32, 1)
+        await streams(gateway_port, CLIENT_KEY, concurrency, 32, 1)
+        direct, through = [], []
+        for _ in range(args.repeat):
+            direct.append(await streams(backend_port, BACKEND_KEY, concurrency, args.tokens, rounds))
+            through.append(await streams(gateway_port, CLIENT_KEY, concurrency, args.tokens, rounds))
+        result[f"stream_{concurrency}"] = {
+            "direct_events_per_s": round(max(direct), 1),
+            "gateway_events_per_s": round(max(through), 1),
+            "ratio": round(max(through) / max(direct), 3),
+            "ratio_median": round(statistics.median(through) / statistics.median(direct), 3),
+        }
+    await latencies(backend_port, BACKEND_KEY, 100)
+    await latencies(gateway_port, CLIENT_KEY, 100)
+    direct_ms = await latencies(backend_port, BACKEND_KEY, args.requests)
+    gateway_ms = await latencies(gateway_port, CLIENT_KEY, args.requests)
+    result["small_request"] = {
+        "path": "POST /tokenize",
+        "requests": args.requests,
+        "direct_p50_ms": round(pct(direct_ms, 0.5), 3),
+        "direct_p99_ms": round(pct(direct_ms, 0.99), 3),
+        "gateway_p50_ms": round(pct(gateway_ms, 0.5), 3),
+        "gateway_p99_ms": round(pct(gateway_ms, 0.99), 3),
+        "added_p50_ms": round(pct(gateway_ms, 0.5) - pct(direct_ms, 0.5), 3),
+        "added_p99_ms": round(pct(gateway_ms, 0.99) - pct(direct_ms, 0.99), 3),
+    }
+    result["idle_connections"] = await idle_connections(gateway_port, gateway_pid, args.idle)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=4, help="llama-server slots (-np)")
+    args = parser.parse_args()
+    raise_fd_limit()
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        model = work / "tiny.gguf"
+        write_model(model)
+        keys = work / "api_keys.txt"
+        keys.write_text(f"bench:{CLIENT_KEY}\n")
+        backend, backend_port = start_llama_server(
+            model, work / "llama-server.log", api_key=BACKEND_KEY, parallel=args.parallel
+        )
+        try:
+            gateway, gateway_port = start_gateway(
+                {
+                    "PORT_BACKEND": str(backend_port),
+                    "BACKEND_API_KEY": BACKEND_KEY,
+                    "AUTH_KEYS_FILE": str(keys),
+                    "LOG_LEVEL": "WARNING",
+                },
+                work / "gateway.log",
+            )
+            try:
+                figures = asyncio.run(run(args, backend_port, gateway_port, gateway.pid))
+            finally:
+                gateway.stop()
+        finally:
+            backend.stop()
+
+    stream16 = figures.get("stream_16", {})
+    small = figures["small_request"]
+    idle = figures["idle_connections"]
+    targets = {
+        "stream_16_ratio_cpu_min": 0.90,
+        "stream_16_ratio_met": isinstance(stream16, dict) and stream16.get("ratio", 0) >= 0.90,
+        "added_p50_ms_max": 0.5,
+        "added_p50_met": small["added_p50_ms"] <= 0.5,  # type: ignore[index]
+        "added_p99_ms_max": 2.0,
+        "added_p99_met": small["added_p99_ms"] <= 2.0,  # type: ignore[index]
+        "rss_bytes_per_idle_connection_max": 16384,
+        "rss_met": idle["rss_bytes_per_connection"] <= 16384,  # type: ignore[index]
+    }
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "llama_server_slots": args.parallel,
+            "tokens_per_stream": args.tokens,
+        },
+        **figures,
+        "targets": targets,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
