@@ -98,7 +98,10 @@ def main() -> int:
     try:
         server = ThreadingHTTPServer((host, int(raw_port)), HealthHandler)
     except OSError as exc:
-        print(f"health: cannot listen on {host}:{raw_port} ({exc.strerror}): is PORT_HEALTH in use?", file=sys.stderr)
+        print(
+            f"health: cannot listen on {host}:{raw_port} ({exc.strerror}): is PORT_HEALTH in use?",
+            file=sys.stderr,
+        )
         return 2
     server.daemon_threads = True
     try:

@@ -239,6 +239,9 @@ check_auth() {
     false | 0 | no | off | FALSE | False) return 0 ;;
     *) die_config "AUTH_ENABLED='${AUTH_ENABLED}': expected true or false" ;;
   esac
+  if [[ -d "$AUTH_KEYS_FILE" ]]; then
+    die_config "AUTH_KEYS_FILE=$AUTH_KEYS_FILE is a directory, not a key file"
+  fi
   if [[ -e "$AUTH_KEYS_FILE" && ! -r "$AUTH_KEYS_FILE" ]]; then
     die_config "AUTH_KEYS_FILE=$AUTH_KEYS_FILE is not readable"
   fi

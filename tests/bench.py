@@ -159,7 +159,9 @@ async def idle_connections(port: int, pid: int, count: int) -> dict[str, float]:
     }
 
 
-async def run(args: argparse.Namespace, backend_port: int, gateway_port: int, gateway_pid: int) -> dict[str, object]:
+async def run(
+    args: argparse.Namespace, backend_port: int, gateway_port: int, gateway_pid: int
+) -> dict[str, object]:
     result: dict[str, object] = {}
     for concurrency in args.streams:
         # Enough rounds that each measurement lasts seconds, not milliseconds.
@@ -169,8 +171,12 @@ async def run(args: argparse.Namespace, backend_port: int, gateway_port: int, ga
         await streams(gateway_port, CLIENT_KEY, concurrency, 32, 1)
         direct, through = [], []
         for _ in range(args.repeat):
-            direct.append(await streams(backend_port, BACKEND_KEY, concurrency, args.tokens, rounds))
-            through.append(await streams(gateway_port, CLIENT_KEY, concurrency, args.tokens, rounds))
+            direct.append(
+                await streams(backend_port, BACKEND_KEY, concurrency, args.tokens, rounds)
+            )
+            through.append(
+                await streams(gateway_port, CLIENT_KEY, concurrency, args.tokens, rounds)
+            )
         result[f"stream_{concurrency}"] = {
             "direct_events_per_s": round(max(direct), 1),
             "gateway_events_per_s": round(max(through), 1),
@@ -197,7 +203,9 @@ async def run(args: argparse.Namespace, backend_port: int, gateway_port: int, ga
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument(
+        "--streams", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")]
+    )
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--idle", type=int, default=1000)

@@ -174,7 +174,8 @@ class RequestHeadParser:
         # instead of waiting for a line end that may never come.
         space = buf.find(b" ", 0, line_len)
         method = bytes(buf[: space if space >= 0 else min(line_len, 32)])
-        if method and not _TOKEN.fullmatch(method):
+        # (A lone CR may be the start of an empty line the parser skips.)
+        if method and method != b"\r" and not _TOKEN.fullmatch(method):
             raise HttpError(400, "malformed method")
         if first_end >= 0 and len(buf) - first_end > limits.max_header_bytes:
             raise HttpError(431, "header section too large")

@@ -29,7 +29,9 @@ def ensure_model(env: dict[str, str], models_dir: Path) -> None:
         return
     path = models_dir / "demo-tiny.gguf"
     write_model(path)
-    print(f"demo: wrote {path} (random weights: its text is noise; put a real .gguf in {models_dir})")
+    print(
+        f"demo: wrote {path} (random weights: its text is noise; put a real .gguf in {models_dir})"
+    )
 
 
 def ensure_key(env: dict[str, str], keys_file: Path) -> str | None:

@@ -57,6 +57,7 @@ def write_model(
     seed: int = 0,
 ) -> list[Path]:
     """Write the model; returns the files written (several when split)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocabulary()
     dtype = np.float16 if f16 else np.float32
