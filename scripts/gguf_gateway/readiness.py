@@ -45,6 +45,7 @@ class Readiness:
         self.draining = False
         self.ever_ready = False
         self.slots: int | None = None
+        self.ctx: int | None = None  # context per slot
         self.models: list[str] = []
         self.started = time.monotonic()
         self._wake = asyncio.Event()
@@ -87,8 +88,11 @@ class Readiness:
         try:
             status, body = await self._get("/props")
             if status == 200:
-                slots = json.loads(body).get("total_slots")
+                props = json.loads(body)
+                slots = props.get("total_slots")
                 self.slots = slots if isinstance(slots, int) else None
+                ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
+                self.ctx = ctx if isinstance(ctx, int) and ctx > 0 else None
             status, body = await self._get("/v1/models")
             if status == 200:
                 self.models = [m.get("id", "") for m in json.loads(body).get("data", [])]

@@ -26,12 +26,19 @@ class Route:
     # so that a client disconnect stops generation (llama-server keeps generating a
     # non-streaming request after its client has gone).
     generation: bool = False
+    # Occupies a llama-server slot: goes through admission and token limits.
+    admitted: bool = False
 
 
 def _route(
-    path: str, methods: str, kind: Kind, scope: str | None, generation: bool = False
+    path: str,
+    methods: str,
+    kind: Kind,
+    scope: str | None,
+    generation: bool = False,
+    admitted: bool = False,
 ) -> Route:
-    return Route(path, frozenset(methods.split()), kind, scope, generation)
+    return Route(path, frozenset(methods.split()), kind, scope, generation, admitted or generation)
 
 
 ROUTES: dict[str, Route] = {
@@ -43,11 +50,11 @@ ROUTES: dict[str, Route] = {
         _route("/v1/chat/completions", "POST", Kind.PROXY, "inference", generation=True),
         _route("/v1/completions", "POST", Kind.PROXY, "inference", generation=True),
         _route("/v1/models", "GET", Kind.PROXY, "inference"),
-        _route("/v1/embeddings", "POST", Kind.PROXY, "inference"),
-        _route("/v1/responses", "POST", Kind.PROXY, "inference"),
-        _route("/v1/messages", "POST", Kind.PROXY, "inference"),
+        _route("/v1/embeddings", "POST", Kind.PROXY, "inference", admitted=True),
+        _route("/v1/responses", "POST", Kind.PROXY, "inference", admitted=True),
+        _route("/v1/messages", "POST", Kind.PROXY, "inference", admitted=True),
         _route("/v1/messages/count_tokens", "POST", Kind.PROXY, "inference"),
-        _route("/v1/rerank", "POST", Kind.PROXY, "inference"),
+        _route("/v1/rerank", "POST", Kind.PROXY, "inference", admitted=True),
         _route("/tokenize", "POST", Kind.PROXY, "inference"),
         _route("/detokenize", "POST", Kind.PROXY, "inference"),
         _route("/slots", "GET", Kind.PROXY, "admin"),

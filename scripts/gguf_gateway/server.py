@@ -1,15 +1,11 @@
 """The gateway's asyncio server: one coroutine per client connection.
 
-A connection reads request heads with the sans-IO parser, answers local endpoints itself,
-and proxies allowed paths to llama-server with a fresh, re-framed request. While a request
-is with the backend a watcher reads the client socket: end of file means the client has
-gone, and the request's task is cancelled, which closes the backend connection so
-llama-server frees the slot. Non-streaming generation requests are run as streams on the
-backend for the same reason and assembled here.
-
-Streams are relayed as the backend's chunked bytes, unchanged and unbuffered: one read,
-one framing check, one write per backend read. Timeouts are per read (first byte, gap
-between chunks), never on a whole stream.
+A connection reads request heads with the sans-IO parser and takes each request through
+the same steps: route (deny by default) -> key and scope -> per-key limits -> body ->
+admission -> relay to llama-server (see proxy.py). While a request is with the backend a
+watcher reads the client socket: end of file means the client has gone, and the
+request's task is cancelled, which closes the backend connection so llama-server frees
+the slot.
 """
 
 from __future__ import annotations
@@ -17,96 +13,34 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
-from dataclasses import dataclass
 
-from . import assemble
-from .backend import READ_SIZE, BackendConnection, BackendPool, BackendUnavailable
+from .backend import READ_SIZE, BackendPool
 from .config import VERSION, Config
-from .errors import error_body, sse_error_event
-from .http11 import (
-    LAST_CHUNK,
-    ChunkedDecoder,
-    ChunkedScanner,
-    HttpError,
-    Limits,
-    RequestHead,
-    RequestHeadParser,
-    ResponseHead,
-    chunk,
-    request_bytes,
-    response_head_bytes,
-)
+from .http11 import ChunkedDecoder, HttpError, Limits, RequestHead, RequestHeadParser, request_bytes
 from .keys import ApiKey, KeySource
+from .limits import Admission, KeyLimits, QueueFull, QueueTimeout, Reservation, retry_headers
 from .metrics import Metrics
-from .readiness import LOADING, Readiness
+from .proxy import Relay
+from .readiness import LOADING, READY, Readiness
+from .responses import Exchange, Responder
 from .routes import ROUTES, Kind, Route
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_KEEPALIVE_CHUNK = chunk(b": keepalive\n\n")
-_SECURITY_HEADERS = [
-    ("X-Content-Type-Options", "nosniff"),
-    ("Cache-Control", "no-store"),
-]
 # Pipelined bytes a client may send while its previous request is in flight.
 _MAX_PIPELINED = 65536
+# Probes arrive every few seconds; their access lines go to DEBUG.
+_QUIET_PATHS = frozenset({"/ping", "/health", "/metrics"})
 
 
 class ClientGone(Exception):
     pass
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One request's bookkeeping, for metrics and the access log."""
-
-    request_id: str
-    method: str
-    path: str
-    started: float
-    key_id: str = "-"
-    status: int = 0
-    ttfb: float | None = None
-    sent: int = 0
-    disconnected: bool = False
-
-
-class IdleWatchdog:
-    """Cancels the current task when ``touch`` has not been called for ``timeout`` seconds.
-
-    One timer per stream instead of one per chunk keeps the relay loop allocation-free.
-    """
-
-    __slots__ = ("_loop", "_task", "_timeout", "_last", "_handle", "fired")
-
-    def __init__(self, timeout: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._timeout = timeout
-        self._last = self._loop.time()
-        self.fired = False
-        self._handle = self._loop.call_at(self._last + timeout, self._check)
-
-    def touch(self) -> None:
-        self._last = self._loop.time()
-
-    def _check(self) -> None:
-        due = self._last + self._timeout
-        if self._loop.time() >= due:
-            self.fired = True
-            self._task.cancel()
-        else:
-            self._handle = self._loop.call_at(due, self._check)
-
-    def stop(self) -> None:
-        self._handle.cancel()
 
 
 class ClientWatch:
@@ -116,7 +50,7 @@ class ClientWatch:
     are kept in the connection buffer for the parser.
     """
 
-    __slots__ = ("_task", "_reader", "gone")
+    __slots__ = ("_task", "gone")
 
     def __init__(self, reader: asyncio.StreamReader, buf: bytearray) -> None:
         task = asyncio.current_task()
@@ -141,8 +75,8 @@ class ClientWatch:
         task.cancel()
 
     async def stop(self) -> None:
-        # The reader allows one waiting reader at a time: the watcher must have left
-        # read() before the connection reads its next request.
+        # A stream reader allows one waiting reader at a time: the watcher must have
+        # left read() before the connection reads its next request.
         if not self._task.done():
             self._task.cancel()
             await asyncio.wait((self._task,))
@@ -162,11 +96,11 @@ class Gateway:
             config.backend_host, config.port_backend, config.backend_connect_timeout
         )
         self.readiness = Readiness(
-            config.backend_host,
-            config.port_backend,
-            config.backend_api_key,
-            config.state_file,
+            config.backend_host, config.port_backend, config.backend_api_key, config.state_file
         )
+        self.relay = Relay(config, self.pool, self.metrics, self.readiness)
+        self.key_limits: dict[str, KeyLimits] = {}
+        self._admission: Admission | None = None
         self._backend_host = f"{config.backend_host}:{config.port_backend}"
         self._backend_auth = f"Bearer {config.backend_api_key}" if config.backend_api_key else ""
         self._connections: dict[asyncio.StreamWriter, bool] = {}  # writer -> busy
@@ -177,11 +111,7 @@ class Gateway:
 
     async def start(self) -> asyncio.Server:
         self._server = await asyncio.start_server(
-            self._connection,
-            self.config.host,
-            self.config.port,
-            limit=READ_SIZE,
-            backlog=2048,
+            self._connection, self.config.host, self.config.port, limit=READ_SIZE, backlog=2048
         )
         return self._server
 
@@ -193,12 +123,11 @@ class Gateway:
         for writer, busy in list(self._connections.items()):
             if not busy:
                 writer.close()
-        in_flight = self.metrics.in_flight
-        if in_flight:
+        if self.metrics.in_flight:
             log.info(
                 "draining: waiting up to %ss for %d request(s)",
                 self.config.drain_timeout,
-                in_flight,
+                self.metrics.in_flight,
             )
             try:
                 async with asyncio.timeout(self.config.drain_timeout):
@@ -213,6 +142,18 @@ class Gateway:
             writer.transport.abort()
         self.pool.close_all()
 
+    @property
+    def admission(self) -> Admission:
+        """Created once llama-server's slot count is known (MAX_CONCURRENT_REQUESTS wins)."""
+        if self._admission is None:
+            limit = self.config.max_concurrent_requests or self.readiness.slots or 4
+            queue = (
+                self.config.max_queue_size if self.config.max_queue_size is not None else 4 * limit
+            )
+            self._admission = Admission(limit, queue, self.config.queue_timeout)
+            log.info("admission: %d request(s) at once, queue of %d", limit, queue)
+        return self._admission
+
     # ------------------------------------------------------------------ connections
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -225,13 +166,11 @@ class Gateway:
                 try:
                     head = await self._read_head(reader, buf, parser, first)
                 except HttpError as exc:
-                    self._refuse_framing(writer, exc)
+                    self._refuse(writer, exc)
                     break
                 except TimeoutError:
                     if first or buf:
-                        self._refuse_framing(
-                            writer, HttpError(408, "no complete request head in time")
-                        )
+                        self._refuse(writer, HttpError(408, "no complete request head in time"))
                     break
                 if head is None:
                     break
@@ -257,11 +196,7 @@ class Gateway:
                 writer.close()
 
     async def _read_head(
-        self,
-        reader: asyncio.StreamReader,
-        buf: bytearray,
-        parser: RequestHeadParser,
-        first: bool,
+        self, reader: asyncio.StreamReader, buf: bytearray, parser: RequestHeadParser, first: bool
     ) -> RequestHead | None:
         head = parser.parse(buf) if buf else None
         if head is not None:
@@ -287,34 +222,19 @@ class Gateway:
                     return None
                 buf += data
 
-    def _refuse_framing(self, writer: asyncio.StreamWriter, exc: HttpError) -> None:
+    def _refuse(self, writer: asyncio.StreamWriter, exc: HttpError) -> None:
         """Answer a request we could not parse, and close: its framing is not trusted."""
-        self.metrics.rejections["framing" if exc.status != 408 else "timeout"] += 1
+        self.metrics.rejections["timeout" if exc.status == 408 else "framing"] += 1
         self.metrics.requests[("other", exc.status)] += 1
-        request_id = uuid.uuid4().hex
-        body = error_body(exc.status, exc.message)
-        headers = self._common_headers(request_id, "application/json", len(body), False)
-        writer.write(response_head_bytes(exc.status, headers) + body)
+        ex = Exchange(uuid.uuid4().hex, "-", "other", time.monotonic())
+        Responder(writer, ex).error(exc.status, exc.message, keep_alive=False)
         access_log.info(
-            "%s - - %s %s %d",
-            request_id,
-            "-",
-            "-",
+            '%s - "-" %d %s',
+            ex.request_id,
             exc.status,
-            extra={"request_id": request_id, "status": exc.status, "error": exc.message},
+            exc.message,
+            extra={"request_id": ex.request_id, "status": exc.status, "error": exc.message},
         )
-
-    def _common_headers(
-        self, request_id: str, content_type: str, length: int | None, keep_alive: bool
-    ) -> list[tuple[str, str]]:
-        headers = [("Content-Type", content_type)]
-        if length is not None:
-            headers.append(("Content-Length", str(length)))
-        headers.append(("X-Request-ID", request_id))
-        headers.extend(_SECURITY_HEADERS)
-        if not keep_alive:
-            headers.append(("Connection", "close"))
-        return headers
 
     # ------------------------------------------------------------------ one request
 
@@ -329,117 +249,126 @@ class Gateway:
         request_id = sent_id if sent_id and _REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
         route = ROUTES.get(head.path)
         ex = Exchange(request_id, head.method, route.path if route else "other", time.monotonic())
-        keep_alive = head.keep_alive
+        out = Responder(writer, ex)
+        keep_alive = False
         try:
-            keep_alive = await self._route(reader, writer, buf, head, route, ex)
+            keep_alive = await self._route(reader, buf, head, route, out)
         except HttpError as exc:
-            # Framing errors in the body: the connection can no longer be trusted.
-            keep_alive = self._send_error(writer, ex, exc.status, exc.message, keep_alive=False)
-            self.metrics.rejections["framing" if exc.status != 413 else "size"] += 1
+            # Bad framing in the body: the connection can no longer be trusted.
+            self.metrics.rejections["size" if exc.status == 413 else "framing"] += 1
+            out.error(exc.status, exc.message, keep_alive=False)
         except TimeoutError:
-            keep_alive = self._send_error(
-                writer, ex, 408, "request body not received in time", keep_alive=False
-            )
             self.metrics.rejections["timeout"] += 1
+            out.error(408, "request body not received in time", keep_alive=False)
         except ClientGone:
             ex.disconnected = True
-            keep_alive = False
         finally:
-            duration = time.monotonic() - ex.started
-            if ex.disconnected:
-                self.metrics.client_disconnects += 1
-                if not ex.status:
-                    ex.status = 499
-            self.metrics.finished(ex.path, ex.status, duration, ex.ttfb)
-            access_log.info(
-                '%s %s "%s %s" %d %d %.1fms%s',
-                ex.request_id,
-                ex.key_id,
-                ex.method,
-                head.path if route else "-",
-                ex.status,
-                ex.sent,
-                duration * 1000,
-                " client-gone" if ex.disconnected else "",
-                extra={
-                    "request_id": ex.request_id,
-                    "key_id": ex.key_id,
-                    "method": ex.method,
-                    "path": ex.path,
-                    "status": ex.status,
-                    "bytes": ex.sent,
-                    "duration_ms": round(duration * 1000, 2),
-                    "ttfb_ms": round(ex.ttfb * 1000, 2) if ex.ttfb is not None else None,
-                    "disconnected": ex.disconnected,
-                },
-            )
+            self._finished(ex, head)
         return keep_alive
+
+    def _finished(self, ex: Exchange, head: RequestHead) -> None:
+        duration = time.monotonic() - ex.started
+        if ex.disconnected:
+            self.metrics.client_disconnects += 1
+            if not ex.status:
+                ex.status = 499  # nginx's "client closed request"
+        self.metrics.finished(ex.path, ex.status, duration, ex.ttfb)
+        usage = ex.usage or {}
+        prompt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
+        completion = (
+            usage.get("completion_tokens")
+            if isinstance(usage.get("completion_tokens"), int)
+            else None
+        )
+        if prompt:
+            self.metrics.tokens[(ex.key_id, "prompt")] += prompt
+        if completion:
+            self.metrics.tokens[(ex.key_id, "completion")] += completion
+        level = logging.DEBUG if ex.path in _QUIET_PATHS else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        access_log.log(
+            level,
+            '%s %s "%s %s" %d %dB %.1fms%s%s',
+            ex.request_id,
+            ex.key_id,
+            ex.method,
+            head.path[:200],
+            ex.status,
+            ex.sent,
+            duration * 1000,
+            f" tokens={prompt or 0}+{completion or 0}" if usage else "",
+            " client-gone" if ex.disconnected else "",
+            extra={
+                "request_id": ex.request_id,
+                "key_id": ex.key_id,
+                "method": ex.method,
+                "path": ex.path,
+                "status": ex.status,
+                "bytes": ex.sent,
+                "duration_ms": round(duration * 1000, 2),
+                "ttfb_ms": round(ex.ttfb * 1000, 2) if ex.ttfb is not None else None,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "disconnected": ex.disconnected,
+                "error": ex.error,
+            },
+        )
 
     async def _route(
         self,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         buf: bytearray,
         head: RequestHead,
         route: Route | None,
-        ex: Exchange,
+        out: Responder,
     ) -> bool:
         # A response sent before the body was read leaves that body on the wire: close.
         keep = head.keep_alive and not head.has_body
         if route is None:
             self.metrics.rejections["not_found"] += 1
-            return self._send_error(
-                writer, ex, 404, f"no such endpoint: {head.path[:200]}", keep_alive=keep
-            )
+            return out.error(404, f"no such endpoint: {head.path[:200]}", keep_alive=keep)
         if head.method not in route.methods:
-            return self._send_error(
-                writer,
-                ex,
-                405,
-                f"{head.method} is not allowed on {route.path}",
-                keep_alive=keep,
-                extra=[("Allow", ", ".join(sorted(route.methods)))],
+            allow = [("Allow", ", ".join(sorted(route.methods)))]
+            return out.error(
+                405, f"{head.method} is not allowed on {route.path}", keep_alive=keep, extra=allow
             )
-        if route.scope is not None:
-            denied = self._authorize(head, route, ex)
-            if denied is not None:
-                status, message, reason = denied
-                self.metrics.rejections[reason] += 1
-                extra = [("WWW-Authenticate", "Bearer")] if status == 401 else []
-                return self._send_error(writer, ex, status, message, keep_alive=keep, extra=extra)
+        key: ApiKey | None = None
+        if route.scope is not None and self.config.auth_enabled:
+            found = self._authenticate(head, route, out)
+            if not isinstance(found, ApiKey):
+                return found
+            key = found
+        elif route.scope is not None:
+            out.ex.key_id = "anonymous"
         if self.readiness.draining:
             self.metrics.rejections["draining"] += 1
-            return self._send_error(
-                writer,
-                ex,
-                503,
-                "the server is shutting down",
-                keep_alive=False,
-                extra=[("Retry-After", "1")],
+            return out.error(
+                503, "the server is shutting down", keep_alive=False, extra=[("Retry-After", "1")]
             )
         if route.kind is Kind.LOCAL:
             if head.has_body:
-                await self._read_body(reader, writer, buf, head)
-            return self._local(writer, head, route, ex)
+                await self._read_body(reader, out.writer, buf, head)
+            return self._local(out, head, route)
         if not self.readiness.ever_ready or self.readiness.backend == LOADING:
             self.metrics.rejections["loading"] += 1
-            return self._send_error(
-                writer,
-                ex,
+            return out.error(
                 503,
                 "the model is still loading; retry shortly",
                 keep_alive=keep,
                 extra=[("Retry-After", "5")],
             )
-        body = await self._read_body(reader, writer, buf, head) if head.has_body else b""
-        return await self._proxy(reader, writer, buf, head, route, ex, body)
+        limits = self._limits_for(key) if key is not None else None
+        if limits is not None:
+            refused = self._check_request_limits(key, limits, out, keep)  # type: ignore[arg-type]
+            if refused is not None:
+                return refused
+        body = await self._read_body(reader, out.writer, buf, head) if head.has_body else b""
+        return await self._proxy(reader, buf, head, route, out, body, limits)
 
-    def _authorize(
-        self, head: RequestHead, route: Route, ex: Exchange
-    ) -> tuple[int, str, str] | None:
-        if not self.config.auth_enabled:
-            ex.key_id = "anonymous"
-            return None
+    def _authenticate(self, head: RequestHead, route: Route, out: Responder) -> ApiKey | bool:
+        """The request's key, or the refusal already sent (a bool: keep-alive)."""
+        keep = head.keep_alive and not head.has_body
         token = ""
         authorization = head.get("authorization")
         if authorization:
@@ -448,17 +377,95 @@ class Gateway:
                 token = value.strip()
         if not token:
             token = (head.get("x-api-key") or "").strip()
+        challenge = [("WWW-Authenticate", "Bearer")]
         if not token:
-            return 401, "missing API key: send Authorization: Bearer <key>", "auth"
-        key: ApiKey | None = self.keys.current().match(token)
+            self.metrics.rejections["auth"] += 1
+            return out.error(
+                401,
+                "missing API key: send Authorization: Bearer <key>",
+                keep_alive=keep,
+                extra=challenge,
+            )
+        key = self.keys.current().match(token)
         if key is None:
-            return 401, "invalid API key", "auth"
-        ex.key_id = key.key_id
+            self.metrics.rejections["auth"] += 1
+            return out.error(401, "invalid API key", keep_alive=keep, extra=challenge)
+        out.ex.key_id = key.key_id
         if key.expired():
-            return 401, "API key has expired", "auth"
+            self.metrics.rejections["auth"] += 1
+            return out.error(
+                401, "API key has expired", keep_alive=keep, extra=challenge, code="expired_api_key"
+            )
         if route.scope not in key.scopes:
-            return 403, f"this key lacks the '{route.scope}' scope for {route.path}", "scope"
+            self.metrics.rejections["scope"] += 1
+            return out.error(
+                403, f"this key lacks the '{route.scope}' scope for {route.path}", keep_alive=keep
+            )
+        return key
+
+    def _limits_for(self, key: ApiKey) -> KeyLimits:
+        rpm = key.rpm or self.config.max_requests_per_minute
+        limits = self.key_limits.get(key.key_id)
+        if limits is None:
+            limits = self.key_limits[key.key_id] = KeyLimits(rpm, key.tpm, key.concurrency)
+        elif (
+            limits.requests.limit,
+            limits.tokens.limit if limits.tokens else None,
+            limits.concurrency,
+        ) != (
+            rpm,
+            key.tpm,
+            key.concurrency,
+        ):
+            limits.update(rpm, key.tpm, key.concurrency)
+        return limits
+
+    def _check_request_limits(
+        self, key: ApiKey, limits: KeyLimits, out: Responder, keep: bool
+    ) -> bool | None:
+        now = time.monotonic()
+        wait = limits.requests.try_take(now)
+        out.ex.rate_headers = limits.headers(now)
+        if wait:
+            self.metrics.rejections["rate"] += 1
+            return out.error(
+                429,
+                f"rate limit: {limits.requests.limit} requests per minute for key '{key.key_id}'",
+                keep_alive=keep,
+                extra=retry_headers(wait),
+            )
+        if limits.concurrency is not None and limits.active >= limits.concurrency:
+            self.metrics.rejections["concurrency"] += 1
+            return out.error(
+                429,
+                f"key '{key.key_id}' already has {limits.concurrency} request(s) running",
+                keep_alive=keep,
+                extra=retry_headers(1.0),
+                code="concurrency_limit_exceeded",
+            )
         return None
+
+    def _reserve_tokens(
+        self, limits: KeyLimits, payload: object, body: bytes, out: Responder
+    ) -> Reservation | float:
+        """Reserve an upper bound of the tokens this request can use."""
+        assert limits.tokens is not None
+        max_tokens = None
+        if isinstance(payload, dict):
+            for name in ("max_completion_tokens", "max_tokens", "n_predict"):
+                value = payload.get(name)
+                if isinstance(value, int) and value >= 0:
+                    max_tokens = value
+                    break
+        # A prompt never has more tokens than bytes of request body (every template and
+        # byte-fallback tokenizer emits at least one byte per token).
+        estimate = len(body) + (
+            max_tokens if max_tokens is not None else (self.readiness.ctx or 4096)
+        )
+        now = time.monotonic()
+        got = limits.tokens.try_reserve(estimate, now)
+        out.ex.rate_headers = limits.headers(now)
+        return got
 
     async def _read_body(
         self,
@@ -493,69 +500,28 @@ class Gateway:
         del buf[:length]
         return body
 
-    # ------------------------------------------------------------------ responses
+    # ------------------------------------------------------------------ local endpoints
 
-    def _send(
-        self,
-        writer: asyncio.StreamWriter,
-        ex: Exchange,
-        status: int,
-        body: bytes,
-        *,
-        content_type: str = "application/json",
-        keep_alive: bool = True,
-        extra: list[tuple[str, str]] | None = None,
-        head_only: bool = False,
-    ) -> bool:
-        headers = self._common_headers(ex.request_id, content_type, len(body), keep_alive)
-        if extra:
-            headers.extend(extra)
-        data = response_head_bytes(status, headers)
-        writer.write(data if head_only else data + body)
-        ex.status = status
-        ex.sent += len(body)
-        return keep_alive
-
-    def _send_error(
-        self,
-        writer: asyncio.StreamWriter,
-        ex: Exchange,
-        status: int,
-        message: str,
-        *,
-        keep_alive: bool = True,
-        extra: list[tuple[str, str]] | None = None,
-    ) -> bool:
-        return self._send(
-            writer, ex, status, error_body(status, message), keep_alive=keep_alive, extra=extra
-        )
-
-    def _local(
-        self, writer: asyncio.StreamWriter, head: RequestHead, route: Route, ex: Exchange
-    ) -> bool:
+    def _local(self, out: Responder, head: RequestHead, route: Route) -> bool:
         head_only = head.method == "HEAD"
         keep = head.keep_alive
         if route.path == "/ping":
             ready = self.readiness.ready
             body = b'{"status":"ok"}' if ready else b'{"status":"unavailable"}'
-            return self._send(
-                writer, ex, 200 if ready else 503, body, keep_alive=keep, head_only=head_only
-            )
+            return out.send(200 if ready else 503, body, keep_alive=keep, head_only=head_only)
         if route.path == "/health":
             body = json.dumps(self.health()).encode()
-            status = 200 if self.readiness.ready else 503
-            return self._send(writer, ex, status, body, keep_alive=keep, head_only=head_only)
-        # /metrics
+            return out.send(
+                200 if self.readiness.ready else 503, body, keep_alive=keep, head_only=head_only
+            )
+        self.metrics.backend_up = 1 if self.readiness.backend == READY else 0
+        self.metrics.queue_depth = self._admission.waiting if self._admission else 0
         if "format=json" in head.query.split("&"):
             body = json.dumps(self.metrics.as_json()).encode()
-            return self._send(writer, ex, 200, body, keep_alive=keep, head_only=head_only)
-        self.metrics.backend_up = 1 if self.readiness.backend == "ready" else 0
-        body = self.metrics.render().encode()
-        return self._send(
-            writer,
-            ex,
+            return out.send(200, body, keep_alive=keep, head_only=head_only)
+        return out.send(
             200,
-            body,
+            self.metrics.render().encode(),
             content_type="text/plain; version=0.0.4; charset=utf-8",
             keep_alive=keep,
             head_only=head_only,
@@ -563,13 +529,14 @@ class Gateway:
 
     def health(self) -> dict[str, object]:
         r = self.readiness
+        admission = self._admission
         return {
             "status": r.status,
             "backend": r.backend,
             "models": r.models,
-            "slots": {"total": r.slots},
+            "slots": {"total": r.slots, "in_use": admission.active if admission else 0},
+            "queue_depth": admission.waiting if admission else 0,
             "in_flight": self.metrics.in_flight,
-            "queue_depth": self.metrics.queue_depth,
             "uptime_seconds": round(time.monotonic() - r.started, 1),
             "version": VERSION,
         }
@@ -579,6 +546,11 @@ class Gateway:
     def _backend_request(
         self, head: RequestHead, route: Route, body: bytes, request_id: str
     ) -> bytes:
+        """A fresh request: the route's own path, one Content-Length, the backend key.
+
+        Nothing else of the client's head is copied, so its credentials and hop-by-hop
+        headers never reach llama-server.
+        """
         target = route.path + ("?" + head.query if head.query else "")
         headers = [("Host", self._backend_host)]
         if self._backend_auth:
@@ -591,365 +563,93 @@ class Gateway:
     async def _proxy(
         self,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         buf: bytearray,
         head: RequestHead,
         route: Route,
-        ex: Exchange,
+        out: Responder,
         body: bytes,
+        limits: KeyLimits | None,
     ) -> bool:
-        stream = False
-        assemble_kind: str | None = None
+        keep = head.keep_alive
+        stream = strip_usage = assemble = False
+        payload: object = None
         if head.method == "POST" and body:
             try:
                 payload = json.loads(body)
             except (ValueError, UnicodeDecodeError):
-                return self._send_error(
-                    writer, ex, 400, "request body is not valid JSON", keep_alive=head.keep_alive
-                )
+                return out.error(400, "request body is not valid JSON", keep_alive=keep)
             if isinstance(payload, dict):
+                model = payload.get("model")
+                out.ex.model = model if isinstance(model, str) else None
                 stream = payload.get("stream") is True
-                if route.generation and not stream:
+                if route.generation:
+                    options = payload.get("stream_options")
+                    asked = isinstance(options, dict) and options.get("include_usage") is True
+                    # Usage is what token limits and metrics settle on: always ask for
+                    # it, and drop the extra chunk from streams whose client did not.
                     payload["stream"] = True
-                    payload["stream_options"] = {"include_usage": True}
+                    payload["stream_options"] = {
+                        **(options if isinstance(options, dict) else {}),
+                        "include_usage": True,
+                    }
+                    strip_usage = stream and not asked
+                    assemble = not stream
                     body = json.dumps(payload).encode()
-                    assemble_kind = route.path
-        request = self._backend_request(head, route, body, ex.request_id)
+
+        reservation: Reservation | None = None
+        if limits is not None and limits.tokens is not None and route.admitted:
+            got = self._reserve_tokens(limits, payload, body, out)
+            if not isinstance(got, Reservation):
+                self.metrics.rejections["tokens"] += 1
+                never = math.isinf(got)
+                message = (
+                    f"this request could use more tokens than key '{out.ex.key_id}' may use per minute"
+                    if never
+                    else f"token limit: {limits.tokens.limit} tokens per minute for key '{out.ex.key_id}'"
+                )
+                return out.error(
+                    429, message, keep_alive=keep, extra=retry_headers(got), code="tokens_exceeded"
+                )
+            reservation = got
+
+        request = self._backend_request(head, route, body, out.ex.request_id)
         task = asyncio.current_task()
         assert task is not None
         watch = ClientWatch(reader, buf)
+        admitted = False
+        if limits is not None:
+            limits.active += 1
         try:
+            if route.admitted:
+                try:
+                    await self.admission.acquire(out.ex.key_id)
+                except (QueueFull, QueueTimeout) as exc:
+                    full = isinstance(exc, QueueFull)
+                    self.metrics.rejections["queue_full" if full else "queue_timeout"] += 1
+                    message = (
+                        "all slots are busy and the queue is full"
+                        if full
+                        else "waited too long for a slot"
+                    )
+                    return out.error(503, message, keep_alive=keep, extra=[("Retry-After", "2")])
+                admitted = True
             if stream:
-                return await self._relay_stream(writer, head, ex, request)
-            if assemble_kind is not None:
-                return await self._relay_assembled(writer, head, ex, request, assemble_kind)
-            return await self._relay_plain(writer, head, ex, request)
+                return await self.relay.stream(out, request, keep, head.http11, strip_usage)
+            if assemble:
+                return await self.relay.assembled(out, request, keep, route.path)
+            return await self.relay.plain(out, request, keep)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
             task.uncancel()
             raise ClientGone() from None
         finally:
+            if admitted:
+                self.admission.release()
+            if limits is not None:
+                limits.active -= 1
+            if reservation is not None:
+                total = (out.ex.usage or {}).get("total_tokens")
+                if isinstance(total, int):
+                    reservation.tokens = total  # settle; without usage the bound stays
             await watch.stop()
-
-    def _backend_down(
-        self, writer: asyncio.StreamWriter, ex: Exchange, exc: Exception, keep: bool
-    ) -> bool:
-        self.metrics.backend_errors["unavailable"] += 1
-        self.readiness.backend_failed()
-        log.warning("%s backend unavailable: %s", ex.request_id, exc)
-        return self._send_error(writer, ex, 502, "llama-server is not reachable", keep_alive=keep)
-
-    async def _exchange(
-        self, request: bytes, ex: Exchange
-    ) -> tuple[BackendConnection, ResponseHead]:
-        async with asyncio.timeout(self.config.first_byte_timeout):
-            bconn, bhead = await self.pool.exchange(request)
-        ex.ttfb = time.monotonic() - ex.started
-        return bconn, bhead
-
-    async def _relay_plain(
-        self, writer: asyncio.StreamWriter, head: RequestHead, ex: Exchange, request: bytes
-    ) -> bool:
-        keep = head.keep_alive
-        try:
-            bconn, bhead = await self._exchange(request, ex)
-        except BackendUnavailable as exc:
-            return self._backend_down(writer, ex, exc, keep)
-        except HttpError as exc:
-            self.metrics.backend_errors["protocol"] += 1
-            return self._send_error(writer, ex, 502, exc.message, keep_alive=keep)
-        except TimeoutError:
-            self.metrics.backend_errors["timeout"] += 1
-            return self._send_error(
-                writer, ex, 504, "llama-server did not answer in time", keep_alive=keep
-            )
-        try:
-            async with asyncio.timeout(self.config.stream_idle_timeout):
-                body = await bconn.read_body(bhead)
-        except (BackendUnavailable, HttpError, TimeoutError, ConnectionError) as exc:
-            bconn.close()
-            self.metrics.backend_errors["protocol"] += 1
-            return self._send_error(
-                writer, ex, 502, f"llama-server response broken: {exc}", keep_alive=keep
-            )
-        except BaseException:
-            bconn.close()
-            raise
-        self.pool.release(bconn, bhead.keep_alive)
-        return self._forward(writer, ex, bhead, body, keep)
-
-    def _forward(
-        self,
-        writer: asyncio.StreamWriter,
-        ex: Exchange,
-        bhead: ResponseHead,
-        body: bytes,
-        keep: bool,
-    ) -> bool:
-        extra = [("Retry-After", bhead.get("retry-after") or "5")] if bhead.status == 503 else None
-        return self._send(
-            writer,
-            ex,
-            bhead.status,
-            body,
-            content_type=bhead.get("content-type") or "application/json",
-            keep_alive=keep,
-            extra=extra,
-        )
-
-    async def _relay_assembled(
-        self,
-        writer: asyncio.StreamWriter,
-        head: RequestHead,
-        ex: Exchange,
-        request: bytes,
-        path: str,
-    ) -> bool:
-        keep = head.keep_alive
-        try:
-            bconn, bhead = await self._exchange(request, ex)
-        except BackendUnavailable as exc:
-            return self._backend_down(writer, ex, exc, keep)
-        except HttpError as exc:
-            self.metrics.backend_errors["protocol"] += 1
-            return self._send_error(writer, ex, 502, exc.message, keep_alive=keep)
-        except TimeoutError:
-            self.metrics.backend_errors["timeout"] += 1
-            return self._send_error(
-                writer, ex, 504, "llama-server did not answer in time", keep_alive=keep
-            )
-        if bhead.status != 200 or not bhead.chunked:
-            return await self._finish_plain(writer, ex, bconn, bhead, keep)
-        assembler = assemble.Assembler(path)
-        decoder = ChunkedDecoder(Limits(max_body=1 << 40))
-        events = assemble.SseEvents()
-        watchdog = IdleWatchdog(self.config.stream_idle_timeout)
-        try:
-            while True:
-                for payload in events.feed(decoder.feed(bconn.buf)):
-                    assembler.add(payload)
-                if decoder.done or assembler.finished:
-                    break
-                data = await bconn.reader.read(READ_SIZE)
-                if not data:
-                    raise BackendUnavailable("llama-server closed the stream early")
-                watchdog.touch()
-                bconn.buf += data
-        except asyncio.CancelledError:
-            bconn.close()
-            if not watchdog.fired:
-                raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            self.metrics.backend_errors["idle_timeout"] += 1
-            return self._send_error(
-                writer, ex, 504, "llama-server stopped sending tokens", keep_alive=keep
-            )
-        except (BackendUnavailable, HttpError, ConnectionError, ValueError) as exc:
-            bconn.close()
-            self.metrics.backend_errors["protocol"] += 1
-            return self._send_error(
-                writer, ex, 502, f"llama-server response broken: {exc}", keep_alive=keep
-            )
-        finally:
-            watchdog.stop()
-        if assembler.error is not None:
-            bconn.close()
-            status, error = assembler.error
-            return self._send(writer, ex, status, json.dumps(error).encode(), keep_alive=keep)
-        self.pool.release(bconn, bhead.keep_alive and decoder.done and not bconn.buf)
-        body = json.dumps(assembler.result(), ensure_ascii=False).encode()
-        return self._send(
-            writer, ex, 200, body, content_type="application/json; charset=utf-8", keep_alive=keep
-        )
-
-    async def _finish_plain(
-        self,
-        writer: asyncio.StreamWriter,
-        ex: Exchange,
-        bconn: BackendConnection,
-        bhead: ResponseHead,
-        keep: bool,
-    ) -> bool:
-        """Forward a whole (usually error) response from the backend."""
-        try:
-            async with asyncio.timeout(self.config.stream_idle_timeout):
-                body = await bconn.read_body(bhead)
-        except (BackendUnavailable, HttpError, TimeoutError, ConnectionError) as exc:
-            bconn.close()
-            return self._send_error(
-                writer, ex, 502, f"llama-server response broken: {exc}", keep_alive=keep
-            )
-        except BaseException:
-            bconn.close()
-            raise
-        self.pool.release(bconn, bhead.keep_alive)
-        return self._forward(writer, ex, bhead, body, keep)
-
-    def _stream_head(self, ex: Exchange, http11: bool) -> bytes:
-        headers = [
-            ("Content-Type", "text/event-stream"),
-            ("Cache-Control", "no-cache"),
-            ("X-Accel-Buffering", "no"),
-            ("X-Request-ID", ex.request_id),
-            ("X-Content-Type-Options", "nosniff"),
-        ]
-        headers.append(("Transfer-Encoding", "chunked") if http11 else ("Connection", "close"))
-        ex.status = 200
-        return response_head_bytes(200, headers)
-
-    async def _relay_stream(
-        self, writer: asyncio.StreamWriter, head: RequestHead, ex: Exchange, request: bytes
-    ) -> bool:
-        keep = head.keep_alive
-        http11 = head.http11
-        committed = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.first_byte_timeout
-        pending = asyncio.ensure_future(self.pool.exchange(request))
-        try:
-            while True:
-                wait = min(self.config.sse_keepalive_interval, deadline - loop.time())
-                done, _ = await asyncio.wait((pending,), timeout=max(wait, 0.0))
-                if done:
-                    break
-                if loop.time() >= deadline:
-                    self.metrics.backend_errors["timeout"] += 1
-                    return self._stream_failed(
-                        writer, ex, committed, http11, 504, "llama-server did not answer in time"
-                    )
-                # Long prefill: commit to a stream and keep proxies and clients from
-                # timing out the silent connection.
-                if not committed:
-                    writer.write(self._stream_head(ex, http11))
-                    committed = True
-                writer.write(_KEEPALIVE_CHUNK if http11 else b": keepalive\n\n")
-                await writer.drain()
-            bconn, bhead = pending.result()
-        except BackendUnavailable as exc:
-            if not committed:
-                return self._backend_down(writer, ex, exc, keep)
-            self.readiness.backend_failed()
-            self.metrics.backend_errors["unavailable"] += 1
-            return self._stream_failed(
-                writer, ex, committed, http11, 502, "llama-server is not reachable"
-            )
-        except HttpError as exc:
-            self.metrics.backend_errors["protocol"] += 1
-            return self._stream_failed(writer, ex, committed, http11, 502, exc.message)
-        finally:
-            if not pending.done():
-                pending.cancel()
-        ex.ttfb = time.monotonic() - ex.started
-
-        if bhead.status != 200:
-            if not committed:
-                return await self._finish_plain(writer, ex, bconn, bhead, keep)
-            try:
-                async with asyncio.timeout(self.config.stream_idle_timeout):
-                    body = await bconn.read_body(bhead)
-                message = json.loads(body)["error"]["message"]
-            except Exception:  # noqa: BLE001 - any unreadable error body gets a generic message
-                message = f"llama-server answered {bhead.status}"
-            bconn.close()
-            return self._stream_failed(writer, ex, committed, http11, bhead.status, str(message))
-
-        if not bhead.chunked:
-            # Not a stream after all (llama-server streams chunked): pass the body on.
-            if committed:
-                bconn.close()
-                return self._stream_failed(
-                    writer, ex, committed, http11, 502, "llama-server did not stream"
-                )
-            return await self._finish_plain(writer, ex, bconn, bhead, keep)
-        if not committed:
-            writer.write(self._stream_head(ex, http11))
-        return await self._pump(writer, ex, bconn, http11, keep, bhead.keep_alive)
-
-    async def _pump(
-        self,
-        writer: asyncio.StreamWriter,
-        ex: Exchange,
-        bconn: BackendConnection,
-        http11: bool,
-        keep: bool,
-        reusable: bool,
-    ) -> bool:
-        """The hot path: relay the backend's chunked SSE body as it arrives."""
-        scanner = ChunkedScanner()
-        # HTTP/1.0 clients cannot take chunked framing: decode and end by closing.
-        decoder = None if http11 else ChunkedDecoder(Limits(max_body=1 << 40))
-        watchdog = IdleWatchdog(self.config.stream_idle_timeout)
-        read = bconn.reader.read
-        write = writer.write
-        drain = writer.drain
-        touch = watchdog.touch
-        sent = 0
-        try:
-            data = bytes(bconn.buf)
-            bconn.buf.clear()
-            while True:
-                if data:
-                    done = scanner.feed(data)
-                    if decoder is None:
-                        write(data)
-                    else:
-                        bconn.buf += data
-                        write(decoder.feed(bconn.buf))
-                    sent += len(data)
-                    if done:
-                        break
-                    await drain()
-                data = await read(READ_SIZE)
-                if not data:
-                    raise BackendUnavailable("llama-server closed the stream early")
-                touch()
-        except asyncio.CancelledError:
-            bconn.close()
-            if not watchdog.fired:
-                raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            self.metrics.backend_errors["idle_timeout"] += 1
-            ex.sent += sent
-            return self._stream_failed(
-                writer,
-                ex,
-                True,
-                http11,
-                504,
-                "llama-server stopped sending tokens",
-                scanner.at_boundary,
-            )
-        except (BackendUnavailable, HttpError, ConnectionError) as exc:
-            bconn.close()
-            self.metrics.backend_errors["stream_broken"] += 1
-            log.warning("%s stream from llama-server broke: %s", ex.request_id, exc)
-            ex.sent += sent
-            return self._stream_failed(
-                writer, ex, True, http11, 502, "llama-server stream broke off", scanner.at_boundary
-            )
-        finally:
-            watchdog.stop()
-        ex.sent += sent
-        self.pool.release(bconn, reusable)
-        if not http11:
-            return False
-        return keep
-
-    def _stream_failed(
-        self,
-        writer: asyncio.StreamWriter,
-        ex: Exchange,
-        committed: bool,
-        http11: bool,
-        status: int,
-        message: str,
-        at_boundary: bool = True,
-    ) -> bool:
-        """Before headers: a plain error response. After: an SSE error event, then close."""
-        if not committed:
-            return self._send_error(writer, ex, status, message, keep_alive=False)
-        if at_boundary:
-            event = sse_error_event(status, message)
-            writer.write(chunk(event) + LAST_CHUNK if http11 else event)
-        return False

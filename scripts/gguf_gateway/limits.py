@@ -1,0 +1,225 @@
+"""Per-key request and token limits, and slot-aware admission with a fair queue.
+
+Requests per minute use a sliding 60 s window of timestamps, so memory per key is bounded
+by its limit. Tokens per minute are reserved at admission (an upper bound: the request
+body's size stands in for prompt tokens, plus ``max_tokens``) and settled to the
+``usage`` llama-server reports, so a burst of parallel requests cannot overshoot the
+limit while each is still running.
+
+Admission caps requests in flight at llama-server's slot count: more would only queue
+inside llama-server, where a waiting request holds a connection but shows nowhere. Waiters
+are served round-robin across keys, so one tenant flooding the queue delays the others by
+at most one turn each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+WINDOW = 60.0
+# The OpenAI SDKs give up on waits longer than this; tell them not to retry at all.
+MAX_SDK_RETRY_WAIT = 120.0
+
+
+@dataclass(slots=True)
+class Reservation:
+    at: float
+    tokens: int
+
+
+class RequestWindow:
+    """Timestamps of admitted requests in the last WINDOW seconds."""
+
+    __slots__ = ("limit", "_times")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._times: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        times = self._times
+        while times and times[0] <= now - WINDOW:
+            times.popleft()
+
+    def try_take(self, now: float) -> float:
+        """0 if admitted (and counted), else seconds until a request would be."""
+        self._expire(now)
+        if len(self._times) >= self.limit:
+            return self._times[0] + WINDOW - now
+        self._times.append(now)
+        return 0.0
+
+    def remaining(self, now: float) -> int:
+        self._expire(now)
+        return max(0, self.limit - len(self._times))
+
+    def reset_in(self, now: float) -> float:
+        self._expire(now)
+        return self._times[0] + WINDOW - now if self._times else 0.0
+
+
+class TokenWindow:
+    """Token reservations in the last WINDOW seconds, settled to real usage."""
+
+    __slots__ = ("limit", "_entries")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: deque[Reservation] = deque()
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries and entries[0].at <= now - WINDOW:
+            entries.popleft()
+
+    def used(self, now: float) -> int:
+        self._expire(now)
+        return sum(e.tokens for e in self._entries)
+
+    def try_reserve(self, tokens: int, now: float) -> Reservation | float:
+        """A reservation, or seconds until ``tokens`` would fit (inf: never)."""
+        if tokens > self.limit:
+            return math.inf
+        used = self.used(now)
+        if used + tokens <= self.limit:
+            reservation = Reservation(now, tokens)
+            self._entries.append(reservation)
+            return reservation
+        # Wait until enough of the oldest reservations expire.
+        excess = used + tokens - self.limit
+        for entry in self._entries:
+            excess -= entry.tokens
+            if excess <= 0:
+                return entry.at + WINDOW - now
+        return WINDOW
+
+    def remaining(self, now: float) -> int:
+        return max(0, self.limit - self.used(now))
+
+    def reset_in(self, now: float) -> float:
+        self._expire(now)
+        return self._entries[0].at + WINDOW - now if self._entries else 0.0
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset-header style: "1s", "6m0s", "250ms"."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+class KeyLimits:
+    """Everything tracked for one key id."""
+
+    __slots__ = ("requests", "tokens", "concurrency", "active")
+
+    def __init__(self, rpm: int, tpm: int | None, concurrency: int | None) -> None:
+        self.requests = RequestWindow(rpm)
+        self.tokens = TokenWindow(tpm) if tpm else None
+        self.concurrency = concurrency
+        self.active = 0
+
+    def update(self, rpm: int, tpm: int | None, concurrency: int | None) -> None:
+        """A reload changed the key's fields: keep its history, apply the new limits."""
+        self.requests.limit = rpm
+        if tpm and self.tokens is not None:
+            self.tokens.limit = tpm
+        else:
+            self.tokens = TokenWindow(tpm) if tpm else None
+        self.concurrency = concurrency
+
+    def headers(self, now: float) -> list[tuple[str, str]]:
+        out = [
+            ("x-ratelimit-limit-requests", str(self.requests.limit)),
+            ("x-ratelimit-remaining-requests", str(self.requests.remaining(now))),
+            ("x-ratelimit-reset-requests", duration(self.requests.reset_in(now))),
+        ]
+        if self.tokens is not None:
+            out += [
+                ("x-ratelimit-limit-tokens", str(self.tokens.limit)),
+                ("x-ratelimit-remaining-tokens", str(self.tokens.remaining(now))),
+                ("x-ratelimit-reset-tokens", duration(self.tokens.reset_in(now))),
+            ]
+        return out
+
+
+def retry_headers(wait: float) -> list[tuple[str, str]]:
+    """Headers for a 429: when to retry, and whether an SDK should bother."""
+    if math.isinf(wait):
+        return [("x-should-retry", "false")]
+    out = [
+        ("Retry-After", str(max(1, math.ceil(wait)))),
+        ("retry-after-ms", str(max(1, math.ceil(wait * 1000)))),
+    ]
+    if wait > MAX_SDK_RETRY_WAIT:
+        out.append(("x-should-retry", "false"))
+    return out
+
+
+class QueueFull(Exception):
+    pass
+
+
+class QueueTimeout(Exception):
+    pass
+
+
+class Admission:
+    """At most ``limit`` requests with the backend; a bounded queue served round-robin by key."""
+
+    def __init__(self, limit: int, queue_size: int, timeout: float) -> None:
+        self.limit = limit
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self.active = 0
+        self.waiting = 0
+        self._queues: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+
+    async def acquire(self, key_id: str) -> None:
+        if self.active < self.limit and not self.waiting:
+            self.active += 1
+            return
+        if self.waiting >= self.queue_size:
+            raise QueueFull()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key_id, deque()).append(future)
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                await future
+        except BaseException as exc:
+            if future.done() and not future.cancelled():
+                # Granted just as we gave up: pass the slot on.
+                self.release()
+            else:
+                self._forget(key_id, future)
+            if isinstance(exc, TimeoutError):
+                raise QueueTimeout() from None
+            raise
+
+    def _forget(self, key_id: str, future: asyncio.Future[None]) -> None:
+        queue = self._queues.get(key_id)
+        if queue is not None and future in queue:
+            queue.remove(future)
+            self.waiting -= 1
+            if not queue:
+                del self._queues[key_id]
+
+    def release(self) -> None:
+        while self._queues:
+            key_id, queue = next(iter(self._queues.items()))
+            future = queue.popleft()
+            self.waiting -= 1
+            if queue:
+                self._queues.move_to_end(key_id)
+            else:
+                del self._queues[key_id]
+            if not future.done():
+                future.set_result(None)  # the slot passes to the waiter
+                return
+        self.active -= 1
