@@ -69,7 +69,8 @@ class Responder:
         head_only: bool = False,
     ) -> bool:
         """Write a whole response; returns whether the connection may be kept alive."""
-        headers = self.headers(content_type, len(body), keep_alive)
+        # RFC 9110 §8.6: no Content-Length on 204.
+        headers = self.headers(content_type, None if status == 204 else len(body), keep_alive)
         if extra:
             headers.extend(extra)
         head = response_head_bytes(status, headers)

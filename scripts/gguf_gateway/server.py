@@ -37,6 +37,15 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _MAX_PIPELINED = 65536
 # Probes arrive every few seconds; their access lines go to DEBUG.
 _QUIET_PATHS = frozenset({"/ping", "/health", "/metrics"})
+_ADMIN_METRICS = Route("/metrics", frozenset({"GET", "HEAD"}), Kind.LOCAL, "admin")
+_CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-API-Key, X-Request-ID, OpenAI-Organization, OpenAI-Project"
+)
+_CORS_EXPOSE = (
+    "X-Request-ID, Retry-After, retry-after-ms, x-should-retry, "
+    "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
+    "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
+)
 
 
 class ClientGone(Exception):
@@ -328,12 +337,34 @@ class Gateway:
         if route is None:
             self.metrics.rejections["not_found"] += 1
             return out.error(404, f"no such endpoint: {head.path[:200]}", keep_alive=keep)
+        origin = head.get("origin")
+        cors_ok = origin is not None and self._cors_allows(origin)
+        if cors_ok:
+            out.ex.cors_headers = [
+                ("Access-Control-Allow-Origin", origin or ""),
+                ("Vary", "Origin"),
+                ("Access-Control-Expose-Headers", _CORS_EXPOSE),
+            ]
+        if head.method == "OPTIONS" and head.get("access-control-request-method"):
+            # A browser's preflight carries no credentials: answer it before auth.
+            if not cors_ok:
+                self.metrics.rejections["cors"] += 1
+                return out.error(403, "origin not allowed (CORS_ORIGINS)", keep_alive=keep)
+            preflight = [
+                ("Access-Control-Allow-Methods", ", ".join(sorted(route.methods))),
+                ("Access-Control-Allow-Headers", _CORS_ALLOW_HEADERS),
+                ("Access-Control-Max-Age", "600"),
+            ]
+            out.send(204, b"", keep_alive=keep, extra=preflight, head_only=True)
+            return keep
         if head.method not in route.methods:
             allow = [("Allow", ", ".join(sorted(route.methods)))]
             return out.error(
                 405, f"{head.method} is not allowed on {route.path}", keep_alive=keep, extra=allow
             )
         key: ApiKey | None = None
+        if route.path == "/metrics" and self.config.metrics_auth_enabled:
+            route = _ADMIN_METRICS
         if route.scope is not None and self.config.auth_enabled:
             found = self._authenticate(head, route, out)
             if not isinstance(found, ApiKey):
@@ -365,6 +396,10 @@ class Gateway:
                 return refused
         body = await self._read_body(reader, out.writer, buf, head) if head.has_body else b""
         return await self._proxy(reader, buf, head, route, out, body, limits)
+
+    def _cors_allows(self, origin: str) -> bool:
+        allowed = self.config.cors_origins
+        return bool(allowed) and ("*" in allowed or origin in allowed)
 
     def _authenticate(self, head: RequestHead, route: Route, out: Responder) -> ApiKey | bool:
         """The request's key, or the refusal already sent (a bool: keep-alive)."""
