@@ -128,3 +128,14 @@ def test_backend_validation_error_passes_through_as_400(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=-5, stream=stream
         )
     assert "max_tokens" in caught.value.message
+
+
+def test_x_api_key_works_beside_a_platform_bearer_token(gateway: GatewayHandle) -> None:
+    # RunPod's load balancer takes its own key in Authorization; ours rides in X-API-Key.
+    client = openai.OpenAI(
+        base_url=f"{gateway.url}/v1",
+        api_key="rp-platform-key-not-ours",
+        default_headers={"X-API-Key": ALICE},
+        max_retries=0,
+    )
+    assert client.models.list().data

@@ -404,16 +404,19 @@ class Gateway:
     def _authenticate(self, head: RequestHead, route: Route, out: Responder) -> ApiKey | bool:
         """The request's key, or the refusal already sent (a bool: keep-alive)."""
         keep = head.keep_alive and not head.has_body
-        token = ""
+        # Bearer first, then X-API-Key: behind a platform that puts its own credential
+        # in Authorization (RunPod's load balancer), clients send ours in X-API-Key.
+        tokens = []
         authorization = head.get("authorization")
         if authorization:
             scheme, _, value = authorization.partition(" ")
-            if scheme.lower() == "bearer":
-                token = value.strip()
-        if not token:
-            token = (head.get("x-api-key") or "").strip()
+            if scheme.lower() == "bearer" and value.strip():
+                tokens.append(value.strip())
+        api_key_header = (head.get("x-api-key") or "").strip()
+        if api_key_header:
+            tokens.append(api_key_header)
         challenge = [("WWW-Authenticate", "Bearer")]
-        if not token:
+        if not tokens:
             self.metrics.rejections["auth"] += 1
             return out.error(
                 401,
@@ -421,7 +424,12 @@ class Gateway:
                 keep_alive=keep,
                 extra=challenge,
             )
-        key = self.keys.current().match(token)
+        ring = self.keys.current()
+        key = None
+        for token in tokens:
+            key = ring.match(token)
+            if key is not None:
+                break
         if key is None:
             self.metrics.rejections["auth"] += 1
             return out.error(401, "invalid API key", keep_alive=keep, extra=challenge)
