@@ -56,6 +56,7 @@ def test_hang_before_first_byte_is_504(fake: FakeBackend, make_gateway: GatewayF
     assert status == 504
     assert time.monotonic() - started < 8
     assert_still_serving(gw.port)
+    assert '"POST /v1/chat/completions" 504' in gw.proc.log()
 
 
 @pytest.mark.parametrize("fake", ["reset_mid_stream"], indirect=True)
@@ -95,6 +96,9 @@ def test_garbage_or_drop_before_response_is_502(
         assert status == 502, payload
         assert json.loads(payload)["error"]["type"] == "server_error"
     assert_still_serving(gw.port)
+    assert '"POST /v1/chat/completions" 502' in gw.proc.log()
+    _, metrics = http_get(gw.port, "/metrics?format=json")
+    assert sum(json.loads(metrics)["backend_errors_total"].values()) >= 2
 
 
 @pytest.mark.parametrize("fake", ["slow_head"], indirect=True)

@@ -8,6 +8,7 @@ that into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,8 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     state_file: Path | None = None
+    log_dir: Path = Path("/data/logs")
+    worker_id: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -164,4 +167,10 @@ class Config:
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             state_file=Path(state_file) if state_file else None,
+            log_dir=Path(env.get("LOG_DIR", "").strip() or data_dir / "logs"),
+            worker_id=(
+                env.get("RUNPOD_POD_ID", "").strip()
+                or env.get("VAST_CONTAINERLABEL", "").strip()
+                or socket.gethostname()
+            ),
         )

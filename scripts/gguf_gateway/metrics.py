@@ -37,7 +37,7 @@ class Histogram:
         cumulative = 0
         for bound, n in zip(self.buckets, self.counts):
             cumulative += n
-            lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+            lines.append(f'{name}_bucket{{le="{float(bound)}"}} {cumulative}')
         lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
         lines.append(f"{name}_sum {self.total:.6f}")
         lines.append(f"{name}_count {self.count}")

@@ -46,6 +46,11 @@ ROUTES: dict[str, Route] = {
     for r in (
         _route("/ping", "GET HEAD", Kind.LOCAL, None),
         _route("/health", "GET HEAD", Kind.LOCAL, None),
+        # Kubernetes-style aliases: liveness (the process answers) and readiness.
+        _route("/healthz", "GET HEAD", Kind.LOCAL, None),
+        _route("/health/live", "GET HEAD", Kind.LOCAL, None),
+        _route("/readyz", "GET HEAD", Kind.LOCAL, None),
+        _route("/health/ready", "GET HEAD", Kind.LOCAL, None),
         _route("/metrics", "GET HEAD", Kind.LOCAL, None),
         _route("/v1/chat/completions", "POST", Kind.PROXY, "inference", generation=True),
         _route("/v1/completions", "POST", Kind.PROXY, "inference", generation=True),

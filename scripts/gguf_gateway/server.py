@@ -18,14 +18,15 @@ import re
 import time
 import uuid
 
-from .backend import READ_SIZE, BackendPool
+from .backend import READ_SIZE, BackendPool, BackendUnavailable, simple_get
 from .config import VERSION, Config
 from .http11 import ChunkedDecoder, HttpError, Limits, RequestHead, RequestHeadParser, request_bytes
 from .keys import ApiKey, KeySource
+from .ledger import UsageLedger
 from .limits import Admission, KeyLimits, QueueFull, QueueTimeout, Reservation, retry_headers
 from .metrics import Metrics
 from .proxy import Relay
-from .readiness import LOADING, READY, Readiness
+from .readiness import FAILED, LOADING, READY, Readiness
 from .responses import Exchange, Responder
 from .routes import ROUTES, Kind, Route
 
@@ -36,7 +37,10 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Pipelined bytes a client may send while its previous request is in flight.
 _MAX_PIPELINED = 65536
 # Probes arrive every few seconds; their access lines go to DEBUG.
-_QUIET_PATHS = frozenset({"/ping", "/health", "/metrics"})
+_QUIET_PATHS = frozenset(
+    {"/ping", "/health", "/metrics", "/healthz", "/readyz", "/health/live", "/health/ready"}
+)
+BACKEND_METRICS_TTL = 2.0
 _ADMIN_METRICS = Route("/metrics", frozenset({"GET", "HEAD"}), Kind.LOCAL, "admin")
 _CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-API-Key, X-Request-ID, OpenAI-Organization, OpenAI-Project"
@@ -115,6 +119,9 @@ class Gateway:
         self._connections: dict[asyncio.StreamWriter, bool] = {}  # writer -> busy
         self._idle_event = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._backend_metrics_at = -BACKEND_METRICS_TTL
+        self._backend_metrics_text = ""
+        self.ledger = UsageLedger(config.log_dir / "usage.jsonl")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,6 +157,7 @@ class Gateway:
         for writer in list(self._connections):
             writer.transport.abort()
         self.pool.close_all()
+        self.ledger.close()
 
     @property
     def admission(self) -> Admission:
@@ -289,16 +297,36 @@ class Gateway:
             if isinstance(usage.get("completion_tokens"), int)
             else None
         )
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
         if prompt:
             self.metrics.tokens[(ex.key_id, "prompt")] += prompt
         if completion:
             self.metrics.tokens[(ex.key_id, "completion")] += completion
+        if ex.path not in _QUIET_PATHS and ex.path != "other":
+            self.ledger.record(
+                {
+                    "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "request_id": ex.request_id,
+                    "key_id": ex.key_id,
+                    "model": ex.model,
+                    "path": ex.path,
+                    "status": ex.status,
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "cached_tokens": cached,
+                    "ttft_ms": round(ex.ttfb * 1000, 1) if ex.ttfb is not None else None,
+                    "duration_ms": round(duration * 1000, 1),
+                    "disconnected": ex.disconnected,
+                    "worker_id": self.config.worker_id,
+                }
+            )
         level = logging.DEBUG if ex.path in _QUIET_PATHS else logging.INFO
         if not access_log.isEnabledFor(level):
             return
         access_log.log(
             level,
-            '%s %s "%s %s" %d %dB %.1fms%s%s',
+            '%s %s "%s %s" %d %dB %.1fms ttfb=%s%s%s',
             ex.request_id,
             ex.key_id,
             ex.method,
@@ -306,6 +334,7 @@ class Gateway:
             ex.status,
             ex.sent,
             duration * 1000,
+            f"{ex.ttfb * 1000:.1f}ms" if ex.ttfb is not None else "-",
             f" tokens={prompt or 0}+{completion or 0}" if usage else "",
             " client-gone" if ex.disconnected else "",
             extra={
@@ -380,7 +409,7 @@ class Gateway:
         if route.kind is Kind.LOCAL:
             if head.has_body:
                 await self._read_body(reader, out.writer, buf, head)
-            return self._local(out, head, route)
+            return await self._local(out, head, route)
         if not self.readiness.ever_ready or self.readiness.backend == LOADING:
             self.metrics.rejections["loading"] += 1
             return out.error(
@@ -545,30 +574,56 @@ class Gateway:
 
     # ------------------------------------------------------------------ local endpoints
 
-    def _local(self, out: Responder, head: RequestHead, route: Route) -> bool:
+    async def _local(self, out: Responder, head: RequestHead, route: Route) -> bool:
         head_only = head.method == "HEAD"
         keep = head.keep_alive
-        if route.path == "/ping":
+        path = route.path
+        if path in ("/ping", "/readyz", "/health/ready"):
             ready = self.readiness.ready
             body = b'{"status":"ok"}' if ready else b'{"status":"unavailable"}'
             return out.send(200 if ready else 503, body, keep_alive=keep, head_only=head_only)
-        if route.path == "/health":
+        if path in ("/healthz", "/health/live"):
+            # Liveness: the gateway answers; a dead backend makes the supervisor exit.
+            live = self.readiness.status != FAILED
+            body = b'{"status":"alive"}' if live else b'{"status":"failed"}'
+            return out.send(200 if live else 503, body, keep_alive=keep, head_only=head_only)
+        if path == "/health":
             body = json.dumps(self.health()).encode()
-            return out.send(
-                200 if self.readiness.ready else 503, body, keep_alive=keep, head_only=head_only
-            )
+            status = 200 if self.readiness.ready else 503
+            return out.send(status, body, keep_alive=keep, head_only=head_only)
         self.metrics.backend_up = 1 if self.readiness.backend == READY else 0
         self.metrics.queue_depth = self._admission.waiting if self._admission else 0
         if "format=json" in head.query.split("&"):
             body = json.dumps(self.metrics.as_json()).encode()
             return out.send(200, body, keep_alive=keep, head_only=head_only)
+        text = self.metrics.render() + await self._backend_metrics()
         return out.send(
             200,
-            self.metrics.render().encode(),
+            text.encode(),
             content_type="text/plain; version=0.0.4; charset=utf-8",
             keep_alive=keep,
             head_only=head_only,
         )
+
+    async def _backend_metrics(self) -> str:
+        """llama-server's own llamacpp:* series, cached so scrapes never load it."""
+        now = time.monotonic()
+        if now - self._backend_metrics_at < BACKEND_METRICS_TTL or self.readiness.backend != READY:
+            return self._backend_metrics_text
+        self._backend_metrics_at = now
+        try:
+            status, body = await simple_get(
+                self.config.backend_host,
+                self.config.port_backend,
+                "/metrics",
+                self.config.backend_api_key,
+                timeout=2.0,
+            )
+        except (BackendUnavailable, TimeoutError):
+            status, body = 0, b""
+        # 501 when llama-server runs without --metrics, or in router mode.
+        self._backend_metrics_text = body.decode("utf-8", "replace") if status == 200 else ""
+        return self._backend_metrics_text
 
     def health(self) -> dict[str, object]:
         r = self.readiness

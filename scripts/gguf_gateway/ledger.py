@@ -1,0 +1,73 @@
+"""The usage ledger: one JSON line per finished request, kept on the data volume.
+
+Operators on scale-to-zero platforms have no database; the ledger survives restarts on
+the volume and is what `scripts/usage_report.py` sums per key and day. Files rotate by size
+(usage.jsonl -> usage.jsonl.1 -> ... -> usage.jsonl.N). One small buffered write per
+request, never per streamed chunk. Key ids only, never secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger("gateway")
+
+MAX_BYTES = 64 * 1024 * 1024
+KEEP = 5
+
+
+class UsageLedger:
+    def __init__(self, path: Path, max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self._file: IO[str] | None = None
+        self._size = 0
+        self._broken = False
+
+    def _open(self) -> IO[str] | None:
+        if self._file is None and not self._broken:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+                self._size = self._file.tell()
+            except OSError as exc:
+                # A read-only volume must not take the gateway down: say so once.
+                self._broken = True
+                log.warning("usage ledger disabled: cannot write %s (%s)", self.path, exc.strerror)
+        return self._file
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for index in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        if self.path.exists():
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def record(self, entry: dict[str, Any]) -> None:
+        handle = self._open()
+        if handle is None:
+            return
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        try:
+            handle.write(line)
+            handle.flush()
+            self._size += len(line)
+            if self._size >= self.max_bytes:
+                self._rotate()
+        except OSError as exc:
+            self._broken = True
+            log.warning("usage ledger disabled: write to %s failed (%s)", self.path, exc.strerror)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
