@@ -11,7 +11,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run
 
-.PHONY: help setup run test check fmt bench clean
+.PHONY: help setup run test check fmt bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ fmt: setup ## format the code with black
 
 bench: setup ## gateway vs llama-server direct; prints one JSON object
 	$(PY) tests/bench.py
+
+soak: setup ## the mixed-load soak for SOAK_SECONDS (default 300) instead of seconds
+	SOAK_SECONDS=$${SOAK_SECONDS:-300} $(PY) -m pytest tests/test_hardening.py -k soak
 
 clean: ## remove the virtual environment and local run data
 	rm -rf $(VENV) .data

@@ -84,18 +84,32 @@ def main(argv: list[str]) -> int:
     if check_only:
         # Used by start.sh: validate everything before any process starts.
         return 0
-    raise_fd_limit()
+    raise_fd_limit(config.max_connections)
+    if config.event_loop == "uvloop":
+        try:
+            import uvloop  # optional, never required
+        except ImportError:
+            log.warning("EVENT_LOOP=uvloop but uvloop is not installed: using asyncio's loop")
+        else:
+            return int(uvloop.run(serve(config, keys)))
     return asyncio.run(serve(config, keys))
 
 
-def raise_fd_limit() -> None:
+def raise_fd_limit(connections: int) -> None:
     """Each client and backend connection is a descriptor; the default 1024 is too few."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    if soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
         except (ValueError, OSError):
-            log.warning("could not raise the open-file limit above %d", soft)
+            pass
+    if soft != resource.RLIM_INFINITY and soft < connections + 256:
+        log.warning(
+            "open-file limit %d is below MAX_CONNECTIONS=%d: raise it (docker run --ulimit nofile=65536)",
+            soft,
+            connections,
+        )
 
 
 if __name__ == "__main__":

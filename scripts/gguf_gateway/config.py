@@ -114,6 +114,7 @@ class Config:
     max_request_body_size: int = 10 * 1024 * 1024
     max_header_bytes: int = 16384
     max_headers: int = 100
+    max_connections: int = 4096
 
     client_header_timeout: float = 10.0
     client_idle_timeout: float = 75.0
@@ -127,6 +128,7 @@ class Config:
     metrics_auth_enabled: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
+    event_loop: str = "asyncio"
     state_file: Path | None = None
     log_dir: Path = Path("/data/logs")
     worker_id: str = ""
@@ -153,6 +155,7 @@ class Config:
             max_request_body_size=_int(env, "MAX_REQUEST_BODY_SIZE", 10 * 1024 * 1024, 1),
             max_header_bytes=_int(env, "MAX_HEADER_BYTES", 16384, 256),
             max_headers=_int(env, "MAX_HEADERS", 100, 1),
+            max_connections=_int(env, "MAX_CONNECTIONS", 4096, 1),
             client_header_timeout=_seconds(env, "CLIENT_HEADER_TIMEOUT", 10.0),
             client_idle_timeout=_seconds(env, "CLIENT_IDLE_TIMEOUT", 75.0),
             backend_connect_timeout=_seconds(env, "BACKEND_CONNECT_TIMEOUT", 5.0),
@@ -166,6 +169,7 @@ class Config:
             metrics_auth_enabled=_bool(env, "METRICS_AUTH_ENABLED", False),
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
+            event_loop=_choice(env, "EVENT_LOOP", "asyncio", ("asyncio", "uvloop")),
             state_file=Path(state_file) if state_file else None,
             log_dir=Path(env.get("LOG_DIR", "").strip() or data_dir / "logs"),
             worker_id=(

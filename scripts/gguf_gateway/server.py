@@ -174,6 +174,14 @@ class Gateway:
     # ------------------------------------------------------------------ connections
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self.config.max_connections:
+            # Over the cap: a clear answer and a close, before reading anything.
+            self.metrics.rejections["connections"] += 1
+            ex = Exchange(uuid.uuid4().hex, "-", "other", time.monotonic())
+            extra = [("Retry-After", "1")]
+            Responder(writer, ex).error(503, "too many connections", keep_alive=False, extra=extra)
+            writer.close()
+            return
         self._connections[writer] = False
         buf = bytearray()
         parser = RequestHeadParser(self.limits)

@@ -39,3 +39,27 @@ def status_of(response: bytes) -> int:
     if len(parts) < 2 or not parts[1].isdigit():
         raise AssertionError(f"no status line in {response[:200]!r}")
     return int(parts[1])
+
+
+def one_response(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``data`` and read exactly one Content-Length-framed response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            piece = sock.recv(65536)
+            if not piece:
+                return received
+            received += piece
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            body += piece
+        return head + b"\r\n\r\n" + body
