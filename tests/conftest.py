@@ -85,6 +85,9 @@ def gateway_env(
         "BACKEND_API_KEY": backend_key,
         "AUTH_KEYS_FILE": str(keys_file),
         "DATA_DIR": str(keys_file.parent),
+        "LOG_DIR": str(keys_file.parent / "logs"),
+        # The suite sends hundreds of requests with one key; rate tests set their own.
+        "MAX_REQUESTS_PER_MINUTE": "1000000",
     }
 
 
