@@ -168,7 +168,7 @@ async def idle_connections(port: int, pid: int, count: int) -> dict[str, float]:
 
 
 async def run(
-    args: argparse.Namespace, backend_port: int, gateway_port: int, gateway_pid: int
+    args: argparse.Namespace, backend_port: int, gateway_port: int, gateway_pid: int, idle: bool
 ) -> dict[str, object]:
     result: dict[str, object] = {}
     for concurrency in args.streams:
@@ -234,7 +234,7 @@ def main() -> None:
         model = work / "tiny.gguf"
         write_model(model)
         keys = work / "api_keys.txt"
-        keys.write_text(f"bench:{CLIENT_KEY}\n")
+        keys.write_text(f"bench:{CLIENT_KEY} rpm=100000000\n")
         backend, backend_port = start_llama_server(
             model, work / "llama-server.log", api_key=BACKEND_KEY, parallel=args.parallel
         )

@@ -44,6 +44,7 @@ _TARGET = re.compile(rb"[\x21-\x7e]+")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[^\r\n]{0,1000})?\r\n")
 
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -402,7 +403,19 @@ class ChunkedScanner:
     def feed(self, data: bytes) -> bool:
         pos = 0
         end = len(data)
+        match = _CHUNK_LINE.match
         while pos < end:
+            if not (self._remaining or self._crlf or self._pending or self._in_trailer):
+                # Fast path: a whole chunk in this read, checked without copying it.
+                head = match(data, pos)
+                if head is not None:
+                    size = int(head.group(1), 16)
+                    body = head.end()
+                    if size and body + size + 2 <= end:
+                        if not data.startswith(b"\r\n", body + size):
+                            raise HttpError(502, "malformed chunked body from backend")
+                        pos = body + size + 2
+                        continue
             if self._remaining:
                 step = min(self._remaining, end - pos)
                 pos += step

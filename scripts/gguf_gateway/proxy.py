@@ -312,6 +312,9 @@ class Relay:
         writer = out.writer
         write = writer.write
         drain = writer.drain
+        # drain() only waits when the transport holds unsent bytes; asking first saves a
+        # coroutine per chunk when the client keeps up.
+        buffered = writer.transport.get_write_buffer_size
         read = bconn.reader.read
         watchdog = IdleWatchdog(self.config.stream_idle_timeout)
         touch = watchdog.touch
@@ -340,7 +343,8 @@ class Relay:
                         sent += len(payload)
                     if done:
                         break
-                    await drain()
+                    if buffered():
+                        await drain()
                 data = await read(READ_SIZE)
                 if not data:
                     raise BackendUnavailable("llama-server closed the stream early")
