@@ -115,8 +115,14 @@ def test_access_log_and_ledger_record_real_statuses_without_secrets(
     assert gone["disconnected"] is True and gone["key_id"] == "alice"
     assert "sk-wrong-secret" not in gw.proc.log() and ALICE not in gw.proc.log()
 
+    def ledger_entries() -> list[dict[str, object]]:
+        path = logs / "usage.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    # The ledger is written in batches, at most a second apart.
+    wait_until(lambda: any(e["status"] == 499 for e in ledger_entries()), 5, "the ledger")
     ledger = (logs / "usage.jsonl").read_text()
-    entries = [json.loads(line) for line in ledger.splitlines()]
+    entries = ledger_entries()
     assert {e["status"] for e in entries} >= {200, 401, 499}
     assert all(
         {"ts", "request_id", "key_id", "path", "duration_ms", "worker_id"} <= set(e)

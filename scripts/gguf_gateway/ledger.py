@@ -3,11 +3,13 @@
 Operators on scale-to-zero platforms have no database; the ledger survives restarts on
 the volume and is what `scripts/usage_report.py` sums per key and day. Files rotate by size
 (usage.jsonl -> usage.jsonl.1 -> ... -> usage.jsonl.N). One small buffered write per
-request, never per streamed chunk. Key ids only, never secrets.
+request, batched: lines are written at most once a second (and at shutdown), so the
+request path pays no system call for them. Key ids only, never secrets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ from typing import IO, Any
 log = logging.getLogger("gateway")
 
 MAX_BYTES = 64 * 1024 * 1024
+FLUSH_SECONDS = 1.0
 KEEP = 5
 
 
@@ -28,6 +31,8 @@ class UsageLedger:
         self._file: IO[str] | None = None
         self._size = 0
         self._broken = False
+        self._pending: list[str] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def _open(self) -> IO[str] | None:
         if self._file is None and not self._broken:
@@ -53,14 +58,27 @@ class UsageLedger:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
     def record(self, entry: dict[str, Any]) -> None:
-        handle = self._open()
+        if self._broken:
+            return
+        self._pending.append(json.dumps(entry, separators=(",", ":")) + "\n")
+        if self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._flush_handle = loop.call_later(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        self._flush_handle = None
+        lines, self._pending = "".join(self._pending), []
+        handle = self._open() if lines else None
         if handle is None:
             return
-        line = json.dumps(entry, separators=(",", ":")) + "\n"
         try:
-            handle.write(line)
+            handle.write(lines)
             handle.flush()
-            self._size += len(line)
+            self._size += len(lines)
             if self._size >= self.max_bytes:
                 self._rotate()
         except OSError as exc:
@@ -68,6 +86,9 @@ class UsageLedger:
             log.warning("usage ledger disabled: write to %s failed (%s)", self.path, exc.strerror)
 
     def close(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self.flush()
         if self._file is not None:
             self._file.close()
             self._file = None

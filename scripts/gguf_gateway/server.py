@@ -235,6 +235,9 @@ class Gateway:
             if not data:
                 return None
             buf += data
+            head = parser.parse(buf)
+            if head is not None:
+                return head  # the usual case: the whole head in one read
         # From the first byte on, the whole head must arrive within the timeout: a
         # client trickling one byte at a time cannot hold the connection.
         async with asyncio.timeout(self.config.client_header_timeout):
@@ -721,7 +724,9 @@ class Gateway:
         request = self._backend_request(head, route, body, out.ex.request_id)
         task = asyncio.current_task()
         assert task is not None
-        watch = ClientWatch(reader, buf)
+        # Only requests that hold a slot need watching: the others finish in about a
+        # millisecond, less than the watcher itself costs.
+        watch = ClientWatch(reader, buf) if route.admitted else None
         admitted = False
         if limits is not None:
             limits.active += 1
@@ -745,7 +750,7 @@ class Gateway:
                 return await self.relay.assembled(out, request, keep, route.path)
             return await self.relay.plain(out, request, keep)
         except asyncio.CancelledError:
-            if not watch.gone:
+            if watch is None or not watch.gone:
                 raise
             task.uncancel()
             raise ClientGone() from None
@@ -758,4 +763,5 @@ class Gateway:
                 total = (out.ex.usage or {}).get("total_tokens")
                 if isinstance(total, int):
                     reservation.tokens = total  # settle; without usage the bound stays
-            await watch.stop()
+            if watch is not None:
+                await watch.stop()
