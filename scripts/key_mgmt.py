@@ -131,12 +131,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_revoke(args: argparse.Namespace) -> int:
+def locate(args: argparse.Namespace) -> tuple[list[str], int] | None:
+    """The file's lines and the index of args.key_id, or None (after saying so)."""
     lines = read_lines(args.file)
     index = find(lines, args.key_id)
     if index is None:
         print(f"key_mgmt: no key '{args.key_id}' in {args.file}", file=sys.stderr)
+        return None
+    return lines, index
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    found = locate(args)
+    if found is None:
         return 1
+    lines, index = found
     del lines[index]
     write_lines(args.file, lines)
     print(f"key '{args.key_id}' revoked", file=sys.stderr)
@@ -144,11 +153,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    lines = read_lines(args.file)
-    index = find(lines, args.key_id)
-    if index is None:
-        print(f"key_mgmt: no key '{args.key_id}' in {args.file}", file=sys.stderr)
+    found = locate(args)
+    if found is None:
         return 1
+    lines, index = found
     words = lines[index].split()
     hashed = args.hashed or words[0].split(":", 1)[1].startswith("sha256:")
     secret = new_secret()

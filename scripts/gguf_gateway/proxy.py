@@ -181,6 +181,15 @@ class Relay:
                 pass
         return self._forward(out, bhead, body, keep)
 
+    def _idle_expired(self, bconn: BackendConnection, watchdog: IdleWatchdog) -> bool:
+        """A cancellation arrived mid-body: True when it was the idle watchdog's."""
+        bconn.close()
+        if not watchdog.fired:
+            return False  # the client went away, or shutdown: not ours to handle
+        uncancel()
+        self.metrics.backend_errors["idle_timeout"] += 1
+        return True
+
     # ------------------------------------------------------------------ plain
 
     async def plain(self, out: Responder, request: bytes, keep: bool) -> bool:
@@ -214,11 +223,8 @@ class Relay:
                 watchdog.touch()
                 bconn.buf += data
         except asyncio.CancelledError:
-            bconn.close()
-            if not watchdog.fired:
+            if not self._idle_expired(bconn, watchdog):
                 raise
-            uncancel()
-            self.metrics.backend_errors["idle_timeout"] += 1
             return out.error(504, "llama-server stopped sending tokens", keep_alive=keep)
         except (BackendUnavailable, HttpError, ConnectionError, ValueError) as exc:
             bconn.close()
@@ -350,11 +356,8 @@ class Relay:
                     raise BackendUnavailable("llama-server closed the stream early")
                 touch()
         except asyncio.CancelledError:
-            bconn.close()
-            if not watchdog.fired:
+            if not self._idle_expired(bconn, watchdog):
                 raise
-            uncancel()
-            self.metrics.backend_errors["idle_timeout"] += 1
             out.ex.sent += sent
             return self._failed(
                 out, True, http11, 504, "llama-server stopped sending tokens", scanner.at_boundary

@@ -429,9 +429,10 @@ class Gateway:
                 keep_alive=keep,
                 extra=[("Retry-After", "5")],
             )
-        limits = self._limits_for(key) if key is not None else None
-        if limits is not None:
-            refused = self._check_request_limits(key, limits, out, keep)  # type: ignore[arg-type]
+        limits = None
+        if key is not None:
+            limits = self._limits_for(key)
+            refused = self._check_request_limits(key, limits, out, keep)
             if refused is not None:
                 return refused
         body = await self._read_body(reader, out.writer, buf, head) if head.has_body else b""
