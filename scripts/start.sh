@@ -93,26 +93,26 @@ validate_settings() {
   fi
 }
 
-# port_free PORT: true when nothing listens there (bind test on all interfaces).
-port_free() {
-  python3 - "$1" <<'PY'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("0.0.0.0", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-PY
-}
-
+# check_ports: each of PORT, PORT_HEALTH, PORT_BACKEND must be free (one bind test each,
+# in one interpreter start: this runs before the health responder exists).
 check_ports() {
-  local name
-  for name in PORT PORT_HEALTH PORT_BACKEND; do
-    if ! port_free "${!name}"; then
-      die_config "$name=${!name} is already in use: stop what listens there or choose another port"
-    fi
-  done
+  local busy
+  busy="$(
+    python3 - "$PORT" "$PORT_HEALTH" "$PORT_BACKEND" <<'PY'
+import socket, sys
+for name, port in zip(("PORT", "PORT_HEALTH", "PORT_BACKEND"), sys.argv[1:]):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", int(port)))
+        except OSError:
+            print(f"{name}={port}")
+            break
+PY
+  )"
+  if [[ -n "$busy" ]]; then
+    die_config "$busy is already in use: stop what listens there or choose another port"
+  fi
 }
 
 # ---------------------------------------------------------------- llama-server

@@ -312,3 +312,18 @@ def test_no_secret_ever_reaches_the_logs(gateway: GatewayHandle) -> None:
     for secret in (ALICE, OPS, HASHED, EXPIRED, BACKEND_KEY, "sk-not-a-real-key"):
         assert secret not in log
     assert "alice" in log  # key ids are logged
+
+
+def test_sighup_reloads_keys_at_once(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    import signal
+
+    gw = limited_gateway(make_gateway, tmp_path, "one:sk-first-key-000\n")
+    keys = tmp_path / "limited_keys.txt"
+    stat_before = keys.stat()
+    keys.write_text("two:sk-second-key-00\n")
+    # Same size and mtime as before: only the signal can tell the gateway.
+    os.utime(keys, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    gw.proc.signal(signal.SIGHUP)
+    wait_until(lambda: "keys reloaded" in gw.proc.log(), 5, "the reload")
+    assert chat(gw.port, "sk-second-key-00", tokens=1)[0] == 200
+    assert chat(gw.port, "sk-first-key-000", tokens=1)[0] == 401

@@ -239,6 +239,8 @@ def test_health_goes_204_then_200_and_the_sdk_works(
     assert stack.health_status() == 204
     wait_until(lambda: answers(stack.port, "/ping", 503), 10, "the gateway to say it is not ready")
     assert stack.health_status() == 204
+    status, body = http_get(stack.port, "/health")
+    assert status == 503 and json.loads(body)["status"] in ("starting", "loading")
     wait_until(lambda: stack.health_status() == 200, 30, "health 200")
     assert answers(stack.port, "/ping", 200)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0)
@@ -252,6 +254,7 @@ def test_health_goes_204_then_200_and_the_sdk_works(
     status, body = http_get(stack.port, "/health")
     health = json.loads(body)
     assert status == 200 and health["status"] == "ready" and health["slots"]["total"] >= 1
+    assert health["platform"] == "local"
     log = stack.proc.log()
     assert "---- llama-gguf-inference boot ----" in log and "tiny.gguf" in log
     assert KEY not in log

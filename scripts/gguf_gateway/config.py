@@ -132,6 +132,7 @@ class Config:
     state_file: Path | None = None
     log_dir: Path = Path("/data/logs")
     worker_id: str = ""
+    platform: str = "local"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -172,6 +173,7 @@ class Config:
             event_loop=_choice(env, "EVENT_LOOP", "asyncio", ("asyncio", "uvloop")),
             state_file=Path(state_file) if state_file else None,
             log_dir=Path(env.get("LOG_DIR", "").strip() or data_dir / "logs"),
+            platform=env.get("PLATFORM", "").strip() or "local",
             worker_id=(
                 env.get("RUNPOD_POD_ID", "").strip()
                 or env.get("VAST_CONTAINERLABEL", "").strip()

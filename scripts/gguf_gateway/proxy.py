@@ -45,8 +45,10 @@ log = logging.getLogger("gateway")
 _KEEPALIVE = b": keepalive\n\n"
 _KEEPALIVE_CHUNK = chunk(_KEEPALIVE)
 _UNBOUNDED = Limits(max_body=1 << 40)
-# Marks the usage chunk at a stream's end (JSON escaping keeps it out of token text).
+# Mark the usage-only chunk at the end of an OpenAI-style stream (JSON escaping keeps
+# them out of token text). Other stream formats (Anthropic, Responses) are not parsed.
 _USAGE_MARK = b'"usage":'
+_USAGE_ONLY = b'"choices":[]'
 
 
 class IdleWatchdog:
@@ -103,7 +105,7 @@ def _usage_in(events: list[bytes]) -> dict[str, Any] | None:
 
 def _is_usage_only(event: bytes) -> bool:
     """The extra chunk include_usage adds: no choices, only usage."""
-    return _USAGE_MARK in event and b'"choices":[]' in event
+    return _USAGE_MARK in event and _USAGE_ONLY in event
 
 
 class Relay:
@@ -249,7 +251,13 @@ class Relay:
     # ------------------------------------------------------------------ stream
 
     async def stream(
-        self, out: Responder, request: bytes, keep: bool, http11: bool, strip_usage: bool
+        self,
+        out: Responder,
+        request: bytes,
+        keep: bool,
+        http11: bool,
+        strip_usage: bool,
+        openai_chunks: bool,
     ) -> bool:
         writer = out.writer
         committed = False
@@ -302,7 +310,9 @@ class Relay:
 
         if not committed:
             writer.write(out.stream_head(http11))
-        return await self._pump(out, bconn, http11, keep, bhead.keep_alive, strip_usage)
+        return await self._pump(
+            out, bconn, http11, keep, bhead.keep_alive, strip_usage, openai_chunks
+        )
 
     async def _pump(
         self,
@@ -312,6 +322,7 @@ class Relay:
         keep: bool,
         reusable: bool,
         strip_usage: bool,
+        openai_chunks: bool,
     ) -> bool:
         """The hot path: relay the backend's chunked SSE body as it arrives."""
         scanner = ChunkedScanner()
@@ -334,7 +345,13 @@ class Relay:
             bconn.buf.clear()
             while True:
                 if data:
-                    if tail is None and _USAGE_MARK in data and scanner.at_boundary:
+                    if (
+                        openai_chunks
+                        and tail is None
+                        and _USAGE_ONLY in data
+                        and _USAGE_MARK in data
+                        and scanner.at_boundary
+                    ):
                         tail = bytearray()
                     done = scanner.feed(data)
                     if tail is not None:

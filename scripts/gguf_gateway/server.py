@@ -52,6 +52,17 @@ _CORS_EXPOSE = (
 )
 
 
+def _count(usage: dict[str, object], *names: str) -> int | None:
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+_USAGE_NAMES = (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"))
+
+
 class ClientGone(Exception):
     pass
 
@@ -302,12 +313,9 @@ class Gateway:
                 ex.status = 499  # nginx's "client closed request"
         self.metrics.finished(ex.path, ex.status, duration, ex.ttfb)
         usage = ex.usage or {}
-        prompt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
-        completion = (
-            usage.get("completion_tokens")
-            if isinstance(usage.get("completion_tokens"), int)
-            else None
-        )
+        # OpenAI names; Anthropic-style and Responses bodies say input/output.
+        prompt = _count(usage, "prompt_tokens", "input_tokens")
+        completion = _count(usage, "completion_tokens", "output_tokens")
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
         if prompt:
@@ -649,6 +657,7 @@ class Gateway:
             "in_flight": self.metrics.in_flight,
             "uptime_seconds": round(time.monotonic() - r.started, 1),
             "version": VERSION,
+            "platform": self.config.platform,
         }
 
     # ------------------------------------------------------------------ proxying
@@ -746,7 +755,9 @@ class Gateway:
                     return out.error(503, message, keep_alive=keep, extra=[("Retry-After", "2")])
                 admitted = True
             if stream:
-                return await self.relay.stream(out, request, keep, head.http11, strip_usage)
+                return await self.relay.stream(
+                    out, request, keep, head.http11, strip_usage, openai_chunks=route.generation
+                )
             if assemble:
                 return await self.relay.assembled(out, request, keep, route.path)
             return await self.relay.plain(out, request, keep)
@@ -760,9 +771,10 @@ class Gateway:
                 self.admission.release()
             if limits is not None:
                 limits.active -= 1
-            if reservation is not None:
-                total = (out.ex.usage or {}).get("total_tokens")
-                if isinstance(total, int):
-                    reservation.tokens = total  # settle; without usage the bound stays
+            if reservation is not None and out.ex.usage:
+                used = [_count(out.ex.usage, *names) for names in _USAGE_NAMES]
+                if all(n is not None for n in used):
+                    reservation.tokens = sum(n for n in used if n)  # settle to real usage
+                # Without usage (a client that left) the upper bound stays reserved.
             if watch is not None:
                 await watch.stop()

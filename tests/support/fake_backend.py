@@ -31,7 +31,8 @@ STREAM_HEAD = (
 
 
 class FakeBackend:
-    """Modes: hang, reset_mid_stream, silent_mid_stream, garbage, slow_head, close_before_head."""
+    """Modes: hang, reset_mid_stream, silent_mid_stream, garbage, slow_head, close_before_head,
+    usage_first_then_pause."""
 
     def __init__(self, mode: str, delay: float = 1.0) -> None:
         self.mode = mode
@@ -116,6 +117,14 @@ class FakeBackend:
             time.sleep(0.2)
             # SO_LINGER 0: close sends RST, as a crashed backend would.
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif mode == "usage_first_then_pause":
+            # Anthropic-style: usage in the first event, the rest a while later.
+            first = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":3}}}\n\n'
+            conn.sendall(STREAM_HEAD + _chunk(first))
+            time.sleep(self.delay)
+            conn.sendall(
+                _chunk(b'event: message_stop\ndata: {"type":"message_stop"}\n\n') + b"0\r\n\r\n"
+            )
         elif mode == "silent_mid_stream":
             conn.sendall(STREAM_HEAD + _chunk(EVENT))
             self._stop.wait(60)
