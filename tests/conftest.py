@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from support.make_model import write_model
-from support.procs import Process, start_gateway, start_llama_server
+from support.procs import Process, http_get, start_gateway, start_llama_server
 
 BACKEND_KEY = "backend-test-key-0123456789"
 ALICE = "sk-alice-test-key-000000000000"
@@ -25,6 +26,12 @@ class Backend:
     port: int
     key: str
     model: Path
+
+    def busy_slots(self) -> int:
+        """Slots llama-server says are processing (its /slots, with the backend key)."""
+        status, body = http_get(self.port, "/slots", {"Authorization": f"Bearer {self.key}"})
+        assert status == 200, body
+        return sum(1 for slot in json.loads(body) if slot["is_processing"])
 
 
 @dataclass

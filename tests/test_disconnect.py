@@ -14,13 +14,6 @@ from support.procs import http_get, wait_until
 LONG = 16000  # tokens: seconds of generation on the tiny model (direct: ~5 s to finish)
 
 
-def busy_slots(gateway: GatewayHandle) -> int:
-    backend = gateway.backend
-    status, body = http_get(backend.port, "/slots", {"Authorization": f"Bearer {backend.key}"})
-    assert status == 200
-    return sum(1 for slot in json.loads(body) if slot["is_processing"])
-
-
 def metric(gateway: GatewayHandle, name: str) -> float:
     _, body = http_get(gateway.port, "/metrics")
     for line in body.decode().splitlines():
@@ -31,7 +24,7 @@ def metric(gateway: GatewayHandle, name: str) -> float:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_client_disconnect_frees_the_slot_quickly(gateway: GatewayHandle, stream: bool) -> None:
-    wait_until(lambda: busy_slots(gateway) == 0, 30, "idle slots before the test")
+    wait_until(lambda: gateway.backend.busy_slots() == 0, 30, "idle slots before the test")
     disconnects = metric(gateway, "gateway_client_disconnects_total")
     body = json.dumps(
         {
@@ -50,11 +43,13 @@ def test_client_disconnect_frees_the_slot_quickly(gateway: GatewayHandle, stream
     sock = socket.create_connection(("127.0.0.1", gateway.port))
     try:
         sock.sendall(request)
-        wait_until(lambda: busy_slots(gateway) == 1, 10, "the request to occupy a slot")
+        wait_until(lambda: gateway.backend.busy_slots() == 1, 10, "the request to occupy a slot")
     finally:
         sock.close()
     gone = time.monotonic()
-    wait_until(lambda: busy_slots(gateway) == 0, 2.0, "the slot to be freed after the disconnect")
+    wait_until(
+        lambda: gateway.backend.busy_slots() == 0, 2.0, "the slot to be freed after the disconnect"
+    )
     freed_after = time.monotonic() - gone
     assert freed_after < 2.0
     wait_until(

@@ -28,12 +28,6 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def busy_slots(gw: GatewayHandle) -> int:
-    backend = gw.backend
-    _, body = http_get(backend.port, "/slots", {"Authorization": f"Bearer {backend.key}"})
-    return sum(1 for slot in json.loads(body) if slot["is_processing"])
-
-
 def test_trickled_headers_are_cut_at_the_header_timeout(make_gateway: GatewayFactory) -> None:
     gw = make_gateway(CLIENT_HEADER_TIMEOUT="1")
     request = b"GET /v1/models HTTP/1.1\r\nHost: g\r\nX-Slow: " + b"a" * 100
@@ -178,7 +172,7 @@ def test_bounded_mixed_soak_loses_nothing(make_gateway: GatewayFactory) -> None:
     pid = gateway.proc.pid
     # Warm up, then take the baseline.
     _soak_worker(gateway.port, time.monotonic() + 1, 0, [], {})
-    wait_until(lambda: busy_slots(gateway) == 0, 30, "idle slots before the soak")
+    wait_until(lambda: gateway.backend.busy_slots() == 0, 30, "idle slots before the soak")
     rss_before, fds_before = rss_kib(pid), open_fds(pid)
     errors: list[str] = []
     counts: dict[str, int] = {}
@@ -193,6 +187,6 @@ def test_bounded_mixed_soak_loses_nothing(make_gateway: GatewayFactory) -> None:
         thread.join(SOAK_SECONDS + 60)
     assert not errors, errors[:5]
     assert sum(counts.values()) > 20
-    wait_until(lambda: busy_slots(gateway) == 0, 10, "all slots idle after the soak")
+    wait_until(lambda: gateway.backend.busy_slots() == 0, 10, "all slots idle after the soak")
     wait_until(lambda: open_fds(pid) <= fds_before + 8, 10, "connections to be released")
     assert rss_kib(pid) - rss_before < 20 * 1024, "RSS grew by more than 20 MiB"

@@ -222,19 +222,10 @@ def test_per_key_concurrency(make_gateway: GatewayFactory, tmp_path: Path) -> No
     gw = limited_gateway(make_gateway, tmp_path, "c:sk-one-at-a-time concurrency=1\n")
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(chat, gw.port, "sk-one-at-a-time", tokens=4000)
-        wait_until(lambda: busy(gw) == 1, 10, "the first request to run")
+        wait_until(lambda: gw.backend.busy_slots() == 1, 10, "the first request to run")
         second = chat(gw.port, "sk-one-at-a-time", tokens=4)
         assert second[0] == 429 and second[1]["retry-after"] == "1"
         assert first.result()[0] == 200
-
-
-def busy(gw: GatewayHandle) -> int:
-    backend = gw.backend
-    conn = http.client.HTTPConnection("127.0.0.1", backend.port, timeout=5)
-    conn.request("GET", "/slots", headers={"Authorization": f"Bearer {backend.key}"})
-    slots = json.loads(conn.getresponse().read())
-    conn.close()
-    return sum(1 for s in slots if s["is_processing"])
 
 
 def test_reload_keeps_running_stream_and_applies_to_new_requests(
@@ -244,7 +235,7 @@ def test_reload_keeps_running_stream_and_applies_to_new_requests(
     keys = tmp_path / "limited_keys.txt"
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(chat, gw.port, "sk-old-key-0000", tokens=6000, stream=True)
-        wait_until(lambda: busy(gw) == 1, 10, "the stream to start")
+        wait_until(lambda: gw.backend.busy_slots() == 1, 10, "the stream to start")
         keys.write_text("new:sk-new-key-0000\n")
         wait_until(
             lambda: chat(gw.port, "sk-new-key-0000", tokens=1)[0] == 200, 5, "the new key to work"

@@ -73,12 +73,6 @@ def test_metrics_include_llama_server_series_and_sane_buckets(gateway: GatewayHa
     assert {"0.01", "10.0", "300.0", "3600.0", "+Inf"} <= duration
 
 
-def busy_slots(gw: GatewayHandle) -> int:
-    backend = gw.backend
-    _, body = http_get(backend.port, "/slots", {"Authorization": f"Bearer {backend.key}"})
-    return sum(1 for slot in json.loads(body) if slot["is_processing"])
-
-
 def test_health_aliases(gateway: GatewayHandle) -> None:
     for path in ("/healthz", "/health/live", "/readyz", "/health/ready"):
         assert http_get(gateway.port, path)[0] == 200, path
@@ -101,7 +95,7 @@ def test_access_log_and_ledger_record_real_statuses_without_secrets(
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ALICE}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
     )
-    wait_until(lambda: busy_slots(gw) == 1, 10, "the generation to start")
+    wait_until(lambda: gw.backend.busy_slots() == 1, 10, "the generation to start")
     sock.close()
 
     def access() -> list[dict[str, object]]:
