@@ -179,7 +179,7 @@ def test_token_limit_holds_under_16_parallel_requests(
         make_gateway, tmp_path, "t:sk-token-limited tpm=2500\n", MAX_QUEUE_SIZE="64"
     )
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda _: chat(gw.port, "sk-token-limited", tokens=100), range(16)))
+        results = list(pool.map(lambda _: chat(gw.port, "sk-token-limited", tokens=200), range(16)))
     ok = [json.loads(body) for status, _, body in results if status == 200]
     refused = [headers for status, headers, _ in results if status == 429]
     assert ok and refused and len(ok) + len(refused) == 16
