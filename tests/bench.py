@@ -177,6 +177,9 @@ async def run(
         # Warm up both paths, then alternate direct/gateway runs and keep the best of each.
         await streams(backend_port, BACKEND_KEY, concurrency, 32, 1)
         await streams(gateway_port, CLIENT_KEY, concurrency, 32, 1)
+        # Direct and gateway runs alternate, and the ratio is taken per adjacent pair:
+        # on a shared 2-core machine throughput drifts more between minutes than
+        # between two neighbouring runs.
         direct, through = [], []
         for _ in range(args.repeat):
             direct.append(
@@ -185,11 +188,13 @@ async def run(
             through.append(
                 await streams(gateway_port, CLIENT_KEY, concurrency, args.tokens, rounds)
             )
+        ratios = sorted(g / d for g, d in zip(through, direct))
         result[f"stream_{concurrency}"] = {
-            "direct_events_per_s": round(max(direct), 1),
-            "gateway_events_per_s": round(max(through), 1),
-            "ratio": round(max(through) / max(direct), 3),
-            "ratio_median": round(statistics.median(through) / statistics.median(direct), 3),
+            "direct_events_per_s": round(statistics.median(direct), 1),
+            "gateway_events_per_s": round(statistics.median(through), 1),
+            "ratio": round(statistics.median(ratios), 3),
+            "ratio_min": round(ratios[0], 3),
+            "ratio_max": round(ratios[-1], 3),
         }
     await latencies(backend_port, BACKEND_KEY, 100)
     await latencies(gateway_port, CLIENT_KEY, 100)
@@ -218,7 +223,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--idle", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="paired direct/gateway runs")
     parser.add_argument("--parallel", type=int, default=4, help="llama-server slots (-np)")
     parser.add_argument(
         "--loops",

@@ -112,3 +112,25 @@ def test_wrong_method_is_405_with_allow(gateway: GatewayHandle) -> None:
     )
     assert status == 405 and headers["allow"] == "POST"
     assert json.loads(body)["error"]["message"]
+
+
+def test_http10_client_gets_a_plain_close_delimited_stream(gateway: GatewayHandle) -> None:
+    from support.rawhttp import exchange
+
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 20,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    ).encode()
+    raw = (
+        b"POST /v1/chat/completions HTTP/1.0\r\nAuthorization: Bearer " + ALICE.encode()
+        + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )  # fmt: skip
+    response, closed = exchange(gateway.port, raw, timeout=10)
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert closed and payload.startswith(b"data: {") and payload.endswith(b"data: [DONE]\n\n")
+    assert b'"choices":[]' not in payload  # usage was not asked for

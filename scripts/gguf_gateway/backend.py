@@ -42,6 +42,21 @@ class BackendConnection:
             # free the slot, without waiting for buffered bytes to flush.
             transport.abort()
 
+    def take_buffered(self) -> bytes:
+        """Every byte read from llama-server and not consumed yet, ours and the reader's.
+
+        Before the transport is handed to another protocol nothing may stay behind in
+        the StreamReader; its buffer (``_buffer``, a CPython implementation detail with
+        no public accessor) holds what arrived beyond our last read.
+        """
+        data = bytes(self.buf)
+        self.buf.clear()
+        pending = getattr(self.reader, "_buffer", None)
+        if pending:
+            data += bytes(pending)
+            pending.clear()
+        return data
+
     async def read_head(self) -> ResponseHead:
         while True:
             head = parse_response_head(self.buf, _LIMITS)

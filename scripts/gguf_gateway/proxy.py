@@ -5,7 +5,8 @@ Three shapes of response:
 * plain: a whole JSON body (models, embeddings, tokenize...), forwarded as is;
 * assembled: a non-streaming completion run as a stream on the backend, so that a client
   disconnect stops generation, turned back into the JSON llama-server would have sent;
-* stream: SSE relayed as the backend's chunked bytes, unchanged and unbuffered. The only
+* stream: SSE relayed as the backend's chunked bytes, unchanged and unbuffered, by a
+  protocol that writes each read to the client as it arrives (pipe.py). The only
   per-read work is a framing check; the end of the stream (where the usage chunk is) is
   the one place events are parsed.
 
@@ -30,13 +31,13 @@ from .errors import sse_error_event
 from .http11 import (
     LAST_CHUNK,
     ChunkedDecoder,
-    ChunkedScanner,
     HttpError,
     Limits,
     ResponseHead,
     chunk,
 )
 from .metrics import Metrics
+from .pipe import USAGE_MARK, USAGE_ONLY, BackendClosed, PipeEvent, StreamPipe
 from .readiness import Readiness
 from .responses import Responder
 
@@ -45,10 +46,6 @@ log = logging.getLogger("gateway")
 _KEEPALIVE = b": keepalive\n\n"
 _KEEPALIVE_CHUNK = chunk(_KEEPALIVE)
 _UNBOUNDED = Limits(max_body=1 << 40)
-# Mark the usage-only chunk at the end of an OpenAI-style stream (JSON escaping keeps
-# them out of token text). Other stream formats (Anthropic, Responses) are not parsed.
-_USAGE_MARK = b'"usage":'
-_USAGE_ONLY = b'"choices":[]'
 
 
 class IdleWatchdog:
@@ -93,7 +90,7 @@ def uncancel() -> None:
 
 def _usage_in(events: list[bytes]) -> dict[str, Any] | None:
     for event in reversed(events):
-        if _USAGE_MARK in event:
+        if USAGE_MARK in event:
             try:
                 usage = json.loads(event.partition(b"data:")[2]).get("usage")
             except (ValueError, AttributeError):
@@ -105,7 +102,7 @@ def _usage_in(events: list[bytes]) -> dict[str, Any] | None:
 
 def _is_usage_only(event: bytes) -> bool:
     """The extra chunk include_usage adds: no choices, only usage."""
-    return _USAGE_MARK in event and _USAGE_ONLY in event
+    return USAGE_MARK in event and USAGE_ONLY in event
 
 
 class Relay:
@@ -175,7 +172,7 @@ class Relay:
         except (BackendUnavailable, HttpError, TimeoutError, ConnectionError) as exc:
             self.metrics.backend_errors["protocol"] += 1
             return out.error(502, f"llama-server response broken: {exc}", keep_alive=keep)
-        if bhead.status == 200 and _USAGE_MARK in body:
+        if bhead.status == 200 and USAGE_MARK in body:
             try:
                 usage = json.loads(body).get("usage")
                 out.ex.usage = usage if isinstance(usage, dict) else None
@@ -324,74 +321,54 @@ class Relay:
         strip_usage: bool,
         openai_chunks: bool,
     ) -> bool:
-        """The hot path: relay the backend's chunked SSE body as it arrives."""
-        scanner = ChunkedScanner()
+        """The hot path: hand the backend transport to a StreamPipe until the stream ends."""
         writer = out.writer
-        write = writer.write
-        drain = writer.drain
-        # drain() only waits when the transport holds unsent bytes; asking first saves a
-        # coroutine per chunk when the client keeps up.
-        buffered = writer.transport.get_write_buffer_size
-        read = bconn.reader.read
         watchdog = IdleWatchdog(self.config.stream_idle_timeout)
-        touch = watchdog.touch
-        # Verbatim relay until the usage chunk shows up at the very end. An HTTP/1.0
-        # client cannot take chunked framing: its bytes are decoded as they pass.
-        decoder = None if http11 else ChunkedDecoder(_UNBOUNDED)
-        tail: bytearray | None = None
-        sent = 0
+        client = writer.transport
+        assert isinstance(client, asyncio.WriteTransport)
+        pipe = StreamPipe(client, watchdog.touch, decode=not http11, watch_usage=openai_chunks)
+        transport = bconn.writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        original = transport.get_protocol()
+        early = bconn.take_buffered()
+        transport.set_protocol(pipe)
+        pipe.connection_made(transport)
+        transport.resume_reading()
         try:
-            data = bytes(bconn.buf)
-            bconn.buf.clear()
-            while True:
-                if data:
-                    if (
-                        openai_chunks
-                        and tail is None
-                        and _USAGE_ONLY in data
-                        and _USAGE_MARK in data
-                        and scanner.at_boundary
-                    ):
-                        tail = bytearray()
-                    done = scanner.feed(data)
-                    if tail is not None:
-                        tail += data
-                    elif decoder is None:
-                        write(data)
-                        sent += len(data)
-                    else:
-                        bconn.buf += data
-                        payload = decoder.feed(bconn.buf)
-                        write(payload)
-                        sent += len(payload)
-                    if done:
-                        break
-                    if buffered():
-                        await drain()
-                data = await read(READ_SIZE)
-                if not data:
-                    raise BackendUnavailable("llama-server closed the stream early")
-                touch()
+            if early:
+                pipe.data_received(early)
+            while await pipe.next_event() is PipeEvent.PAUSED:
+                await writer.drain()
+                watchdog.touch()
+                pipe.resume()
         except asyncio.CancelledError:
             if not self._idle_expired(bconn, watchdog):
                 raise
-            out.ex.sent += sent
+            out.ex.sent += pipe.sent
             return self._failed(
-                out, True, http11, 504, "llama-server stopped sending tokens", scanner.at_boundary
+                out,
+                True,
+                http11,
+                504,
+                "llama-server stopped sending tokens",
+                pipe.scanner.at_boundary,
             )
-        except (BackendUnavailable, HttpError, ConnectionError) as exc:
+        except (BackendClosed, HttpError, ConnectionError) as exc:
             bconn.close()
             self.metrics.backend_errors["stream_broken"] += 1
             log.warning("%s stream from llama-server broke: %s", out.ex.request_id, exc)
-            out.ex.sent += sent
+            out.ex.sent += pipe.sent
             return self._failed(
-                out, True, http11, 502, "llama-server stream broke off", scanner.at_boundary
+                out, True, http11, 502, "llama-server stream broke off", pipe.scanner.at_boundary
             )
         finally:
             watchdog.stop()
-        self.pool.release(bconn, reusable and not bconn.buf)
-        if tail is not None:
-            sent += self._finish_tail(out, tail, http11, strip_usage)
+        # The stream ended cleanly: the connection goes back to its stream reader.
+        transport.set_protocol(original)
+        self.pool.release(bconn, reusable)
+        sent = pipe.sent
+        if pipe.tail is not None:
+            sent += self._finish_tail(out, pipe.tail, http11, strip_usage)
         out.ex.sent += sent
         return keep if http11 else False
 
