@@ -72,6 +72,9 @@ def test_dockerfile_contract() -> None:
     healthcheck = dict(instructions())["HEALTHCHECK"]
     assert "PORT_HEALTH" in healthcheck and "8080" not in healthcheck
     assert re.search(r"ARG LLAMA_CPP_TAG=server-cuda-b\d+", DOCKERFILE)
+    # COPY keeps file modes: the entrypoint and the commands users run must be executable.
+    for script in ("start.sh", "gateway.py", "health_server.py", "key_mgmt.py", "usage_report.py"):
+        assert os.access(ROOT / "scripts" / script, os.X_OK), script
 
 
 def test_image_entrypoint_boots_serves_and_stops_like_docker(
