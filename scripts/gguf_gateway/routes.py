@@ -66,3 +66,6 @@ ROUTES: dict[str, Route] = {
         _route("/props", "GET", Kind.PROXY, "admin"),
     )
 }
+
+# /metrics when METRICS_AUTH_ENABLED=true.
+ADMIN_METRICS = Route("/metrics", frozenset({"GET", "HEAD"}), Kind.LOCAL, "admin")

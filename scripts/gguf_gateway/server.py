@@ -18,17 +18,19 @@ import re
 import time
 import uuid
 
-from .backend import READ_SIZE, BackendPool, BackendUnavailable, simple_get
-from .config import VERSION, Config
+from .backend import READ_SIZE, BackendPool
+from .config import Config
 from .http11 import ChunkedDecoder, HttpError, Limits, RequestHead, RequestHeadParser, request_bytes
 from .keys import ApiKey, KeySource
 from .ledger import UsageLedger
 from .limits import Admission, KeyLimits, QueueFull, QueueTimeout, Reservation, retry_headers
 from .metrics import Metrics
 from .proxy import Relay
-from .readiness import FAILED, LOADING, READY, Readiness
+from .readiness import LOADING, Readiness
 from .responses import Exchange, Responder
-from .routes import ROUTES, Kind, Route
+from .access import AccessControl
+from .endpoints import LocalEndpoints
+from .routes import ADMIN_METRICS, ROUTES, Kind, Route
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -39,16 +41,6 @@ _MAX_PIPELINED = 65536
 # Probes arrive every few seconds; their access lines go to DEBUG.
 _QUIET_PATHS = frozenset(
     {"/ping", "/health", "/metrics", "/healthz", "/readyz", "/health/live", "/health/ready"}
-)
-BACKEND_METRICS_TTL = 2.0
-_ADMIN_METRICS = Route("/metrics", frozenset({"GET", "HEAD"}), Kind.LOCAL, "admin")
-_CORS_ALLOW_HEADERS = (
-    "Authorization, Content-Type, X-API-Key, X-Request-ID, OpenAI-Organization, OpenAI-Project"
-)
-_CORS_EXPOSE = (
-    "X-Request-ID, Retry-After, retry-after-ms, x-should-retry, "
-    "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
-    "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
 )
 
 
@@ -123,15 +115,16 @@ class Gateway:
             config.backend_host, config.port_backend, config.backend_api_key, config.state_file
         )
         self.relay = Relay(config, self.pool, self.metrics, self.readiness)
-        self.key_limits: dict[str, KeyLimits] = {}
+        self.access = AccessControl(config, keys, self.metrics, self.readiness)
         self._admission: Admission | None = None
+        self.endpoints = LocalEndpoints(
+            config, self.metrics, self.readiness, lambda: self._admission
+        )
         self._backend_host = f"{config.backend_host}:{config.port_backend}"
         self._backend_auth = f"Bearer {config.backend_api_key}" if config.backend_api_key else ""
         self._connections: dict[asyncio.StreamWriter, bool] = {}  # writer -> busy
         self._idle_event = asyncio.Event()
         self._server: asyncio.Server | None = None
-        self._backend_metrics_at = -BACKEND_METRICS_TTL
-        self._backend_metrics_text = ""
         self.ledger = UsageLedger(config.log_dir / "usage.jsonl")
 
     # ------------------------------------------------------------------ lifecycle
@@ -385,24 +378,13 @@ class Gateway:
         if route is None:
             self.metrics.rejections["not_found"] += 1
             return out.error(404, f"no such endpoint: {head.path[:200]}", keep_alive=keep)
-        origin = head.get("origin")
-        cors_ok = origin is not None and self._cors_allows(origin)
-        if cors_ok:
-            out.ex.cors_headers = [
-                ("Access-Control-Allow-Origin", origin or ""),
-                ("Vary", "Origin"),
-                ("Access-Control-Expose-Headers", _CORS_EXPOSE),
-            ]
+        out.ex.cors_headers = self.access.cors_headers(head.get("origin"))
         if head.method == "OPTIONS" and head.get("access-control-request-method"):
             # A browser's preflight carries no credentials: answer it before auth.
-            if not cors_ok:
+            if not out.ex.cors_headers:
                 self.metrics.rejections["cors"] += 1
                 return out.error(403, "origin not allowed (CORS_ORIGINS)", keep_alive=keep)
-            preflight = [
-                ("Access-Control-Allow-Methods", ", ".join(sorted(route.methods))),
-                ("Access-Control-Allow-Headers", _CORS_ALLOW_HEADERS),
-                ("Access-Control-Max-Age", "600"),
-            ]
+            preflight = self.access.preflight_headers(route)
             out.send(204, b"", keep_alive=keep, extra=preflight, head_only=True)
             return keep
         if head.method not in route.methods:
@@ -412,9 +394,9 @@ class Gateway:
             )
         key: ApiKey | None = None
         if route.path == "/metrics" and self.config.metrics_auth_enabled:
-            route = _ADMIN_METRICS
+            route = ADMIN_METRICS
         if route.scope is not None and self.config.auth_enabled:
-            found = self._authenticate(head, route, out)
+            found = self.access.authenticate(head, route, out)
             if not isinstance(found, ApiKey):
                 return found
             key = found
@@ -428,7 +410,7 @@ class Gateway:
         if route.kind is Kind.LOCAL:
             if head.has_body:
                 await self._read_body(reader, out.writer, buf, head)
-            return await self._local(out, head, route)
+            return await self.endpoints.answer(out, head, route)
         if not self.readiness.ever_ready or self.readiness.backend == LOADING:
             self.metrics.rejections["loading"] += 1
             return out.error(
@@ -439,125 +421,12 @@ class Gateway:
             )
         limits = None
         if key is not None:
-            limits = self._limits_for(key)
-            refused = self._check_request_limits(key, limits, out, keep)
+            limits = self.access.limits_for(key)
+            refused = self.access.check_request_limits(key, limits, out, keep)
             if refused is not None:
                 return refused
         body = await self._read_body(reader, out.writer, buf, head) if head.has_body else b""
         return await self._proxy(reader, buf, head, route, out, body, limits)
-
-    def _cors_allows(self, origin: str) -> bool:
-        allowed = self.config.cors_origins
-        return bool(allowed) and ("*" in allowed or origin in allowed)
-
-    def _authenticate(self, head: RequestHead, route: Route, out: Responder) -> ApiKey | bool:
-        """The request's key, or the refusal already sent (a bool: keep-alive)."""
-        keep = head.keep_alive and not head.has_body
-        # Bearer first, then X-API-Key: behind a platform that puts its own credential
-        # in Authorization (RunPod's load balancer), clients send ours in X-API-Key.
-        tokens = []
-        authorization = head.get("authorization")
-        if authorization:
-            scheme, _, value = authorization.partition(" ")
-            if scheme.lower() == "bearer" and value.strip():
-                tokens.append(value.strip())
-        api_key_header = (head.get("x-api-key") or "").strip()
-        if api_key_header:
-            tokens.append(api_key_header)
-        challenge = [("WWW-Authenticate", "Bearer")]
-        if not tokens:
-            self.metrics.rejections["auth"] += 1
-            return out.error(
-                401,
-                "missing API key: send Authorization: Bearer <key>",
-                keep_alive=keep,
-                extra=challenge,
-            )
-        ring = self.keys.current()
-        key = None
-        for token in tokens:
-            key = ring.match(token)
-            if key is not None:
-                break
-        if key is None:
-            self.metrics.rejections["auth"] += 1
-            return out.error(401, "invalid API key", keep_alive=keep, extra=challenge)
-        out.ex.key_id = key.key_id
-        if key.expired():
-            self.metrics.rejections["auth"] += 1
-            return out.error(
-                401, "API key has expired", keep_alive=keep, extra=challenge, code="expired_api_key"
-            )
-        if route.scope not in key.scopes:
-            self.metrics.rejections["scope"] += 1
-            return out.error(
-                403, f"this key lacks the '{route.scope}' scope for {route.path}", keep_alive=keep
-            )
-        return key
-
-    def _limits_for(self, key: ApiKey) -> KeyLimits:
-        rpm = key.rpm or self.config.max_requests_per_minute
-        limits = self.key_limits.get(key.key_id)
-        if limits is None:
-            limits = self.key_limits[key.key_id] = KeyLimits(rpm, key.tpm, key.concurrency)
-        elif (
-            limits.requests.limit,
-            limits.tokens.limit if limits.tokens else None,
-            limits.concurrency,
-        ) != (
-            rpm,
-            key.tpm,
-            key.concurrency,
-        ):
-            limits.update(rpm, key.tpm, key.concurrency)
-        return limits
-
-    def _check_request_limits(
-        self, key: ApiKey, limits: KeyLimits, out: Responder, keep: bool
-    ) -> bool | None:
-        now = time.monotonic()
-        wait = limits.requests.try_take(now)
-        out.ex.rate_headers = limits.headers(now)
-        if wait:
-            self.metrics.rejections["rate"] += 1
-            return out.error(
-                429,
-                f"rate limit: {limits.requests.limit} requests per minute for key '{key.key_id}'",
-                keep_alive=keep,
-                extra=retry_headers(wait),
-            )
-        if limits.concurrency is not None and limits.active >= limits.concurrency:
-            self.metrics.rejections["concurrency"] += 1
-            return out.error(
-                429,
-                f"key '{key.key_id}' already has {limits.concurrency} request(s) running",
-                keep_alive=keep,
-                extra=retry_headers(1.0),
-                code="concurrency_limit_exceeded",
-            )
-        return None
-
-    def _reserve_tokens(
-        self, limits: KeyLimits, payload: object, body: bytes, out: Responder
-    ) -> Reservation | float:
-        """Reserve an upper bound of the tokens this request can use."""
-        assert limits.tokens is not None
-        max_tokens = None
-        if isinstance(payload, dict):
-            for name in ("max_completion_tokens", "max_tokens", "n_predict"):
-                value = payload.get(name)
-                if isinstance(value, int) and value >= 0:
-                    max_tokens = value
-                    break
-        # A prompt never has more tokens than bytes of request body (every template and
-        # byte-fallback tokenizer emits at least one byte per token).
-        estimate = len(body) + (
-            max_tokens if max_tokens is not None else (self.readiness.ctx or 4096)
-        )
-        now = time.monotonic()
-        got = limits.tokens.try_reserve(estimate, now)
-        out.ex.rate_headers = limits.headers(now)
-        return got
 
     async def _read_body(
         self,
@@ -593,72 +462,6 @@ class Gateway:
         return body
 
     # ------------------------------------------------------------------ local endpoints
-
-    async def _local(self, out: Responder, head: RequestHead, route: Route) -> bool:
-        head_only = head.method == "HEAD"
-        keep = head.keep_alive
-        path = route.path
-        if path in ("/ping", "/readyz", "/health/ready"):
-            ready = self.readiness.ready
-            body = b'{"status":"ok"}' if ready else b'{"status":"unavailable"}'
-            return out.send(200 if ready else 503, body, keep_alive=keep, head_only=head_only)
-        if path in ("/healthz", "/health/live"):
-            # Liveness: the gateway answers; a dead backend makes the supervisor exit.
-            live = self.readiness.status != FAILED
-            body = b'{"status":"alive"}' if live else b'{"status":"failed"}'
-            return out.send(200 if live else 503, body, keep_alive=keep, head_only=head_only)
-        if path == "/health":
-            body = json.dumps(self.health()).encode()
-            status = 200 if self.readiness.ready else 503
-            return out.send(status, body, keep_alive=keep, head_only=head_only)
-        self.metrics.backend_up = 1 if self.readiness.backend == READY else 0
-        self.metrics.queue_depth = self._admission.waiting if self._admission else 0
-        if "format=json" in head.query.split("&"):
-            body = json.dumps(self.metrics.as_json()).encode()
-            return out.send(200, body, keep_alive=keep, head_only=head_only)
-        text = self.metrics.render() + await self._backend_metrics()
-        return out.send(
-            200,
-            text.encode(),
-            content_type="text/plain; version=0.0.4; charset=utf-8",
-            keep_alive=keep,
-            head_only=head_only,
-        )
-
-    async def _backend_metrics(self) -> str:
-        """llama-server's own llamacpp:* series, cached so scrapes never load it."""
-        now = time.monotonic()
-        if now - self._backend_metrics_at < BACKEND_METRICS_TTL or self.readiness.backend != READY:
-            return self._backend_metrics_text
-        self._backend_metrics_at = now
-        try:
-            status, body = await simple_get(
-                self.config.backend_host,
-                self.config.port_backend,
-                "/metrics",
-                self.config.backend_api_key,
-                timeout=2.0,
-            )
-        except (BackendUnavailable, TimeoutError):
-            status, body = 0, b""
-        # 501 when llama-server runs without --metrics, or in router mode.
-        self._backend_metrics_text = body.decode("utf-8", "replace") if status == 200 else ""
-        return self._backend_metrics_text
-
-    def health(self) -> dict[str, object]:
-        r = self.readiness
-        admission = self._admission
-        return {
-            "status": r.status,
-            "backend": r.backend,
-            "models": r.models,
-            "slots": {"total": r.slots, "in_use": admission.active if admission else 0},
-            "queue_depth": admission.waiting if admission else 0,
-            "in_flight": self.metrics.in_flight,
-            "uptime_seconds": round(time.monotonic() - r.started, 1),
-            "version": VERSION,
-            "platform": self.config.platform,
-        }
 
     # ------------------------------------------------------------------ proxying
 
@@ -717,7 +520,7 @@ class Gateway:
 
         reservation: Reservation | None = None
         if limits is not None and limits.tokens is not None and route.admitted:
-            got = self._reserve_tokens(limits, payload, body, out)
+            got = self.access.reserve_tokens(limits, payload, body, out)
             if not isinstance(got, Reservation):
                 self.metrics.rejections["tokens"] += 1
                 never = math.isinf(got)

@@ -1,0 +1,106 @@
+"""What the gateway answers itself: readiness, health and metrics.
+
+/ping, /readyz and /health/ready say whether a request would be served now; /healthz and
+/health/live whether the process is alive; /health gives the detail an operator needs at
+a cold start; /metrics is Prometheus text (or JSON) with llama-server's own series
+appended, fetched at most every BACKEND_METRICS_TTL seconds so scrapes never load it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from .backend import BackendUnavailable, simple_get
+from .config import VERSION, Config
+from .http11 import RequestHead
+from .limits import Admission
+from .metrics import Metrics
+from .readiness import FAILED, READY, Readiness
+from .responses import Responder
+from .routes import Route
+
+BACKEND_METRICS_TTL = 2.0
+
+
+class LocalEndpoints:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        readiness: Readiness,
+        admission: Callable[[], Admission | None],
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.readiness = readiness
+        self.admission = admission
+        self._backend_metrics_at = -BACKEND_METRICS_TTL
+        self._backend_metrics_text = ""
+
+    async def answer(self, out: Responder, head: RequestHead, route: Route) -> bool:
+        head_only = head.method == "HEAD"
+        keep = head.keep_alive
+        path = route.path
+        if path in ("/ping", "/readyz", "/health/ready"):
+            ready = self.readiness.ready
+            body = b'{"status":"ok"}' if ready else b'{"status":"unavailable"}'
+            return out.send(200 if ready else 503, body, keep_alive=keep, head_only=head_only)
+        if path in ("/healthz", "/health/live"):
+            # Liveness: the gateway answers; a dead backend makes the supervisor exit.
+            live = self.readiness.status != FAILED
+            body = b'{"status":"alive"}' if live else b'{"status":"failed"}'
+            return out.send(200 if live else 503, body, keep_alive=keep, head_only=head_only)
+        if path == "/health":
+            body = json.dumps(self.health()).encode()
+            status = 200 if self.readiness.ready else 503
+            return out.send(status, body, keep_alive=keep, head_only=head_only)
+        self.metrics.backend_up = 1 if self.readiness.backend == READY else 0
+        self.metrics.queue_depth = admission.waiting if (admission := self.admission()) else 0
+        if "format=json" in head.query.split("&"):
+            body = json.dumps(self.metrics.as_json()).encode()
+            return out.send(200, body, keep_alive=keep, head_only=head_only)
+        text = self.metrics.render() + await self.backend_metrics()
+        return out.send(
+            200,
+            text.encode(),
+            content_type="text/plain; version=0.0.4; charset=utf-8",
+            keep_alive=keep,
+            head_only=head_only,
+        )
+
+    async def backend_metrics(self) -> str:
+        """llama-server's own llamacpp:* series, cached so scrapes never load it."""
+        now = time.monotonic()
+        if now - self._backend_metrics_at < BACKEND_METRICS_TTL or self.readiness.backend != READY:
+            return self._backend_metrics_text
+        self._backend_metrics_at = now
+        try:
+            status, body = await simple_get(
+                self.config.backend_host,
+                self.config.port_backend,
+                "/metrics",
+                self.config.backend_api_key,
+                timeout=2.0,
+            )
+        except (BackendUnavailable, TimeoutError):
+            status, body = 0, b""
+        # 501 when llama-server runs without --metrics, or in router mode.
+        self._backend_metrics_text = body.decode("utf-8", "replace") if status == 200 else ""
+        return self._backend_metrics_text
+
+    def health(self) -> dict[str, object]:
+        r = self.readiness
+        admission = self.admission()
+        return {
+            "status": r.status,
+            "backend": r.backend,
+            "models": r.models,
+            "slots": {"total": r.slots, "in_use": admission.active if admission else 0},
+            "queue_depth": admission.waiting if admission else 0,
+            "in_flight": self.metrics.in_flight,
+            "uptime_seconds": round(time.monotonic() - r.started, 1),
+            "version": VERSION,
+            "platform": self.config.platform,
+        }
