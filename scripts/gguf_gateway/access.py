@@ -3,7 +3,8 @@
 The request pipeline (server.py) asks, in order: is the origin allowed (CORS), which key
 is this and may it use this path (401/403), is it within its request rate and
 concurrency (429), and, once the body is known, can its tokens be reserved (429).
-Each refusal is written here, with the headers an SDK needs to react to it.
+Key, scope and request-limit refusals are written here, with the headers an SDK needs
+to react to them; a token reservation that does not fit is answered by the pipeline.
 """
 
 from __future__ import annotations
