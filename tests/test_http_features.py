@@ -134,3 +134,25 @@ def test_http10_client_gets_a_plain_close_delimited_stream(gateway: GatewayHandl
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
     assert closed and payload.startswith(b"data: {") and payload.endswith(b"data: [DONE]\n\n")
     assert b'"choices":[]' not in payload  # usage was not asked for
+
+
+def test_uvloop_event_loop_serves_streams_and_plain_requests(make_gateway: GatewayFactory) -> None:
+    import openai
+
+    gw = make_gateway(EVENT_LOOP="uvloop")
+    assert "uvloop is not installed" not in gw.proc.log()
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=ALICE, max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=30, stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    assert chunks[-1].choices[0].finish_reason == "length"
+    result = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        extra_body={"ignore_eos": True},
+    )
+    assert result.usage is not None and result.usage.completion_tokens == 5

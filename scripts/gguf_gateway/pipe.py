@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from enum import Enum
+from typing import cast
 
 from .http11 import ChunkedDecoder, ChunkedScanner, HttpError, Limits
 
@@ -59,8 +60,7 @@ class StreamPipe(asyncio.Protocol):
         self._waiter: asyncio.Future[PipeEvent] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.backend = transport
+        self.backend = cast(asyncio.Transport, transport)
 
     def _wake(self, outcome: PipeEvent | BaseException) -> None:
         if isinstance(outcome, BaseException):

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from . import assemble
 from .backend import READ_SIZE, BackendConnection, BackendPool, BackendUnavailable
@@ -325,10 +325,10 @@ class Relay:
         writer = out.writer
         watchdog = IdleWatchdog(self.config.stream_idle_timeout)
         client = writer.transport
-        assert isinstance(client, asyncio.WriteTransport)
         pipe = StreamPipe(client, watchdog.touch, decode=not http11, watch_usage=openai_chunks)
-        transport = bconn.writer.transport
-        assert isinstance(transport, asyncio.Transport)
+        # cast, not isinstance: uvloop's transports implement the interface without
+        # subclassing asyncio's classes.
+        transport = cast(asyncio.Transport, bconn.writer.transport)
         original = transport.get_protocol()
         early = bconn.take_buffered()
         transport.set_protocol(pipe)
