@@ -381,3 +381,13 @@ def test_router_mode_serves_every_model(tmp_path: Path, stacks: list[Stack]) -> 
         )
         assert result.model == name
     assert "router mode" in stack.proc.log()
+
+
+def test_sighup_reloads_keys_through_the_supervisor(
+    data_dir: Path, tmp_path: Path, stacks: list[Stack]
+) -> None:
+    stack = start_stack(stacks, data_dir, tmp_path)
+    wait_until(lambda: stack.health_status() == 200, 30, "health 200")
+    stack.proc.signal(signal.SIGHUP)  # docker kill -s HUP
+    wait_until(lambda: "keys reloaded" in stack.proc.log(), 5, "the gateway to reload its keys")
+    assert stack.proc.alive() and stack.health_status() == 200
