@@ -1,0 +1,95 @@
+"""Assembling a non-streaming response from stream chunks, for what a random model cannot
+produce on demand (tool calls, reasoning, several choices, errors mid-stream)."""
+
+from __future__ import annotations
+
+import json
+
+from gguf_gateway.assemble import Assembler, SseEvents
+
+
+def events(*chunks: dict[str, object]) -> list[bytes]:
+    stream = (
+        b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    )
+    splitter = SseEvents()
+    # Fed in awkward pieces: event boundaries must not depend on read sizes.
+    out: list[bytes] = []
+    for i in range(0, len(stream), 7):
+        out += splitter.feed(stream[i : i + 7])
+    return out
+
+
+META = {
+    "id": "chatcmpl-1",
+    "created": 1,
+    "model": "m",
+    "system_fingerprint": "b1",
+    "object": "chat.completion.chunk",
+}
+
+
+def test_tool_calls_reasoning_and_usage_are_merged() -> None:
+    assembler = Assembler("/v1/chat/completions")
+    for payload in events(
+        {**META, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
+        {**META, "choices": [{"index": 0, "delta": {"reasoning_content": "think "}}]},
+        {**META, "choices": [{"index": 0, "delta": {"reasoning_content": "more"}}]},
+        {**META, "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}}]},
+        {**META, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}}]},
+        {**META, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}}]},
+        {**META, "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 1, "id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]}}]},
+        {**META, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}], "timings": {"predicted_n": 9}},
+        {**META, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}},
+    ):  # fmt: skip
+        assembler.add(payload)
+    assert assembler.finished and assembler.error is None
+    result = assembler.result()
+    message = result["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["reasoning_content"] == "think more"
+    assert message["tool_calls"] == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+        },
+        {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}},
+    ]
+    assert result["choices"][0]["finish_reason"] == "tool_calls"
+    assert result["object"] == "chat.completion" and result["id"] == "chatcmpl-1"
+    assert result["usage"]["total_tokens"] == 14 and result["timings"] == {"predicted_n": 9}
+
+
+def test_several_choices_and_text_completions() -> None:
+    assembler = Assembler("/v1/completions")
+    meta = {**META, "object": "text_completion"}
+    for payload in events(
+        {**meta, "choices": [{"index": 1, "text": "b", "finish_reason": None}]},
+        {**meta, "choices": [{"index": 0, "text": "a", "finish_reason": None}]},
+        {**meta, "choices": [{"index": 0, "text": "a", "finish_reason": "length"}]},
+        {**meta, "choices": [{"index": 1, "text": "", "finish_reason": "stop"}]},
+    ):
+        assembler.add(payload)
+    result = assembler.result()
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in result["choices"]] == [
+        (0, "aa", "length"),
+        (1, "b", "stop"),
+    ]
+    assert result["object"] == "text_completion"
+
+
+def test_an_error_mid_stream_becomes_the_response() -> None:
+    assembler = Assembler("/v1/chat/completions")
+    for payload in events(
+        {**META, "choices": [{"index": 0, "delta": {"content": "x"}}]},
+        {"error": {"code": 400, "message": "context full", "type": "exceed_context_size_error"}},
+    ):
+        assembler.add(payload)
+    assert assembler.finished
+    assert assembler.error == (
+        400,
+        {"error": {"code": 400, "message": "context full", "type": "exceed_context_size_error"}},
+    )
