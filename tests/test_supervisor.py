@@ -264,13 +264,14 @@ def test_health_goes_204_then_200_and_the_sdk_works(
 def test_sigterm_during_a_stream_drains_it_and_exits_0(
     data_dir: Path, tmp_path: Path, stacks: list[Stack]
 ) -> None:
-    stack = start_stack(stacks, data_dir, tmp_path, DRAIN_TIMEOUT="20", CTX="20000", PARALLEL="1")
+    # A generous drain: the stream must end by itself even on a loaded machine.
+    stack = start_stack(stacks, data_dir, tmp_path, DRAIN_TIMEOUT="90", CTX="20000", PARALLEL="1")
     wait_until(lambda: stack.health_status() == 200, 30, "health 200")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0)
     stream = client.chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "hi"}],
-        max_tokens=6000,
+        max_tokens=3000,
         stream=True,
         extra_body={"ignore_eos": True},
     )
@@ -284,7 +285,7 @@ def test_sigterm_during_a_stream_drains_it_and_exits_0(
             health_during_drain.append(stack.health_status())
     assert chunks >= 1000  # the stream ran to its end...
     assert stream.response.is_closed
-    assert stack.proc.wait(30) == 0  # ...and the stack exited cleanly afterwards
+    assert stack.proc.wait(100) == 0  # ...and the stack exited cleanly afterwards
     assert 503 in health_during_drain and 200 not in health_during_drain[-3:]
     assert not subprocess.run(["pgrep", "-f", str(stack.backend)], capture_output=True).stdout
 
