@@ -253,16 +253,17 @@ def test_fair_queue_serves_a_quiet_key_before_a_flooders_backlog(
         tmp_path,
         "flood:sk-flooder-0000\nquiet:sk-quiet-00000\n",
         MAX_CONCURRENT_REQUESTS="1",
+        QUEUE_TIMEOUT="300",  # a slow machine must not turn queueing into 503s
     )
     finished: list[str] = []
 
     def run(key: str, name: str) -> None:
-        assert chat(gw.port, key, tokens=400)[0] == 200
+        assert chat(gw.port, key, tokens=1500)[0] == 200
         finished.append(name)
 
     with ThreadPoolExecutor(8) as pool:
         floods = [pool.submit(run, "sk-flooder-0000", f"flood-{i}") for i in range(4)]
-        wait_until(lambda: health(gw)["queue_depth"] == 3, 10, "the flooder's backlog to queue")
+        wait_until(lambda: health(gw)["queue_depth"] == 3, 30, "the flooder's backlog to queue")
         quiet = pool.submit(run, "sk-quiet-00000", "quiet")
         for future in [*floods, quiet]:
             future.result()
