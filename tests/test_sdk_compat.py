@@ -98,12 +98,14 @@ def test_sdk_retries_after_retry_after_and_then_succeeds(
     keys = tmp_path / "retry_keys.txt"
     keys.write_text("solo:sk-solo-key-000000000 concurrency=1\n")
     gw = make_gateway(AUTH_KEYS_FILE=str(keys))
-    api = client(gw.url, "sk-solo-key-000000000", retries=3)
+    api = client(
+        gw.url, "sk-solo-key-000000000", retries=8
+    )  # Retry-After: 1 each time; a slow machine needs several
     busy = threading.Thread(
         target=lambda: api.chat.completions.create(
             model="m",
             messages=[{"role": "user", "content": "hi"}],
-            max_tokens=2500,
+            max_tokens=1200,
             extra_body={"ignore_eos": True},
         )
     )
