@@ -18,7 +18,8 @@ from .http11 import ChunkedDecoder, HttpError, Limits, ResponseHead, parse_respo
 POOL_IDLE_SECONDS = 4.0
 POOL_MAX_IDLE = 64
 READ_SIZE = 65536
-_LIMITS = Limits(max_body=1 << 40)
+# llama-server is trusted: its responses are framed strictly but not size-capped.
+BACKEND_LIMITS = Limits(max_body=1 << 40)
 
 
 class BackendUnavailable(Exception):
@@ -59,7 +60,7 @@ class BackendConnection:
 
     async def read_head(self) -> ResponseHead:
         while True:
-            head = parse_response_head(self.buf, _LIMITS)
+            head = parse_response_head(self.buf, BACKEND_LIMITS)
             if head is not None:
                 return head
             data = await self.reader.read(READ_SIZE)
@@ -70,7 +71,7 @@ class BackendConnection:
     async def read_body(self, head: ResponseHead) -> bytes:
         """The whole body of a non-streamed response."""
         if head.chunked:
-            decoder = ChunkedDecoder(_LIMITS)
+            decoder = ChunkedDecoder(BACKEND_LIMITS)
             parts = [decoder.feed(self.buf)]
             while not decoder.done:
                 data = await self.reader.read(READ_SIZE)
@@ -142,23 +143,19 @@ class BackendPool:
         """Send a complete request and read the response head, retrying a stale socket once."""
         conn = await self.acquire()
         try:
-            conn.writer.write(request)
-            return conn, await conn.read_head()
-        except (BackendUnavailable, ConnectionError) as exc:
-            conn.close()
+            return conn, await self._send(conn, request)
+        except BackendUnavailable:
             if not conn.reused:
-                if isinstance(exc, ConnectionError):
-                    raise BackendUnavailable(
-                        f"llama-server dropped the connection: {exc}"
-                    ) from None
                 raise
-        except BaseException:
-            conn.close()
-            raise
         conn = await self.connect()
+        return conn, await self._send(conn, request)
+
+    @staticmethod
+    async def _send(conn: BackendConnection, request: bytes) -> ResponseHead:
+        """Write the request and read the head; the connection is closed on any failure."""
         try:
             conn.writer.write(request)
-            return conn, await conn.read_head()
+            return await conn.read_head()
         except ConnectionError as exc:
             conn.close()
             raise BackendUnavailable(f"llama-server dropped the connection: {exc}") from None

@@ -83,10 +83,7 @@ class RequestHead:
 
     def get(self, name: str) -> str | None:
         """The first value of header ``name`` (lower case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return _first(self.headers, name)
 
     @property
     def has_body(self) -> bool:
@@ -102,10 +99,14 @@ class ResponseHead:
     keep_alive: bool = True
 
     def get(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return _first(self.headers, name)
+
+
+def _first(headers: list[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def _split_lines(block: bytes) -> list[bytes]:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from enum import Enum
 from typing import cast
 
-from .http11 import ChunkedDecoder, ChunkedScanner, HttpError, Limits
+from .backend import BACKEND_LIMITS
+from .http11 import ChunkedDecoder, ChunkedScanner, HttpError
 
 # Mark the usage-only chunk at the end of an OpenAI-style stream (JSON escaping keeps
 # them out of token text). Other stream formats (Anthropic, Responses) are not parsed.
@@ -23,7 +24,6 @@ USAGE_MARK = b'"usage":'
 USAGE_ONLY = b'"choices":[]'
 # Unsent bytes for the client above which reading from llama-server pauses.
 HIGH_WATER = 64 * 1024
-_UNBOUNDED = Limits(max_body=1 << 40)
 
 
 class PipeEvent(Enum):
@@ -48,7 +48,7 @@ class StreamPipe(asyncio.Protocol):
         self.touch = touch
         self.scanner = ChunkedScanner()
         # HTTP/1.0 clients cannot take chunked framing: their bytes are decoded.
-        self.decoder = ChunkedDecoder(_UNBOUNDED) if decode else None
+        self.decoder = ChunkedDecoder(BACKEND_LIMITS) if decode else None
         self._decode_buf = bytearray()
         self.watch_usage = watch_usage
         # Once the usage-only chunk shows up, the (few) remaining bytes are kept here

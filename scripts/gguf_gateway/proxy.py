@@ -25,14 +25,19 @@ import time
 from typing import Any, cast
 
 from . import assemble
-from .backend import READ_SIZE, BackendConnection, BackendPool, BackendUnavailable
+from .backend import (
+    BACKEND_LIMITS,
+    READ_SIZE,
+    BackendConnection,
+    BackendPool,
+    BackendUnavailable,
+)
 from .config import Config
 from .errors import sse_error_event
 from .http11 import (
     LAST_CHUNK,
     ChunkedDecoder,
     HttpError,
-    Limits,
     ResponseHead,
     chunk,
 )
@@ -45,7 +50,6 @@ log = logging.getLogger("gateway")
 
 _KEEPALIVE = b": keepalive\n\n"
 _KEEPALIVE_CHUNK = chunk(_KEEPALIVE)
-_UNBOUNDED = Limits(max_body=1 << 40)
 
 
 class IdleWatchdog:
@@ -207,7 +211,7 @@ class Relay:
         if bhead.status != 200 or not bhead.chunked:
             return await self._finish_whole(out, bconn, bhead, keep)
         assembler = assemble.Assembler(path)
-        decoder = ChunkedDecoder(_UNBOUNDED)
+        decoder = ChunkedDecoder(BACKEND_LIMITS)
         events = assemble.SseEvents()
         watchdog = IdleWatchdog(self.config.stream_idle_timeout)
         try:
@@ -374,7 +378,7 @@ class Relay:
 
     def _finish_tail(self, out: Responder, tail: bytearray, http11: bool, strip_usage: bool) -> int:
         """Write the stream's last events, reading usage and dropping what was not asked for."""
-        payload = ChunkedDecoder(_UNBOUNDED).feed(tail)
+        payload = ChunkedDecoder(BACKEND_LIMITS).feed(tail)
         events = payload.split(b"\n\n")
         out.ex.usage = _usage_in(events)
         if strip_usage:
