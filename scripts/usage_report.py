@@ -18,11 +18,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from gguf_gateway.config import detect_data_dir
+from gguf_gateway.ledger import archives
 
 
 def ledger_files(path: Path) -> list[Path]:
-    rotated = sorted(path.parent.glob(path.name + ".*"), key=lambda p: -int(p.suffix[1:] or 0))
-    return [p for p in rotated if p.suffix[1:].isdigit()] + ([path] if path.exists() else [])
+    return archives(path) + ([path] if path.exists() else [])
 
 
 def summarise(files: list[Path]) -> dict[tuple[str, str], dict[str, int]]:

@@ -51,13 +51,38 @@ def test_trickled_headers_are_cut_at_the_header_timeout(make_gateway: GatewayFac
 
 
 def test_stalled_body_upload_is_408_and_closed(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(CLIENT_HEADER_TIMEOUT="0.5")
+    gw = make_gateway(CLIENT_BODY_TIMEOUT="0.5")
     head = (
         b"POST /tokenize HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer " + ALICE.encode() + b"\r\n"
         b'Content-Length: 100\r\n\r\n{"content":'
     )
     response, closed = exchange(gw.port, head, timeout=5)
     assert status_of(response) == 408 and closed
+    assert b"CLIENT_BODY_TIMEOUT" in response
+
+
+def test_trickled_body_is_408_at_the_whole_body_deadline(make_gateway: GatewayFactory) -> None:
+    """Bytes that keep coming do not extend CLIENT_BODY_TIMEOUT: it covers the whole body."""
+    gw = make_gateway(CLIENT_BODY_TIMEOUT="1")
+    head = (
+        b"POST /tokenize HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer " + ALICE.encode() + b"\r\n"
+        b"Content-Length: 100000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=0.2) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        answer = b""
+        while time.monotonic() - started < 6 and not answer:
+            try:
+                sock.sendall(b" ")
+                answer = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        elapsed = time.monotonic() - started
+    assert status_of(answer) == 408
+    assert elapsed < 4.0
 
 
 def test_idle_keep_alive_connection_is_closed(make_gateway: GatewayFactory) -> None:

@@ -253,6 +253,7 @@ def test_fair_queue_serves_a_quiet_key_before_a_flooders_backlog(
         tmp_path,
         "flood:sk-flooder-0000\nquiet:sk-quiet-00000\n",
         MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUE_PER_KEY="3",
         QUEUE_TIMEOUT="300",  # a slow machine must not turn queueing into 503s
     )
     finished: list[str] = []
@@ -268,6 +269,27 @@ def test_fair_queue_serves_a_quiet_key_before_a_flooders_backlog(
         for future in [*floods, quiet]:
             future.result()
     assert finished.index("quiet") <= 2, finished
+
+
+def test_a_flooding_key_cannot_take_every_queue_place(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = limited_gateway(
+        make_gateway,
+        tmp_path,
+        "flood:sk-flooder-0000\nquiet:sk-quiet-00000\n",
+        MAX_CONCURRENT_REQUESTS="1",
+        MAX_QUEUE_SIZE="4",
+        QUEUE_TIMEOUT="300",
+    )
+    with ThreadPoolExecutor(8) as pool:
+        floods = [pool.submit(chat, gw.port, "sk-flooder-0000", tokens=1500) for _ in range(6)]
+        # One running, two queued (half of MAX_QUEUE_SIZE), the rest refused at once.
+        wait_until(lambda: health(gw)["queue_depth"] == 2, 30, "the flooder's share to queue")
+        quiet = pool.submit(chat, gw.port, "sk-quiet-00000", tokens=1500)
+        statuses = sorted(f.result()[0] for f in floods)
+        assert quiet.result()[0] == 200
+    assert statuses == [200, 200, 200, 503, 503, 503]
 
 
 def health(gw: GatewayHandle) -> dict[str, Any]:

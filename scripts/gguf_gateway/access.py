@@ -1,22 +1,22 @@
 """Who may make a request, and how much: keys, scopes, CORS and per-key limits.
 
-The request pipeline (server.py) asks, in order: is the origin allowed (CORS), which key
-is this and may it use this path (401/403), is it within its request rate and
-concurrency (429), and, once the body is known, can its tokens be reserved (429).
-Key, scope and request-limit refusals are written here, with the headers an SDK needs
-to react to them; a token reservation that does not fit is answered by the pipeline.
+The request pipeline asks, in order: is the origin allowed (CORS), which key is this and
+may it use this path (401/403), is it within its request rate and concurrency (429),
+and, once the body is known, is the key still valid and can the request's tokens be
+reserved (429). Each "no" is raised as a Refusal carrying the headers an SDK needs to
+react to it; the pipeline writes it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from .config import Config
 from .http11 import RequestHead
 from .keys import ApiKey, KeySource
-from .limits import KeyLimits, Reservation, retry_headers
-from .metrics import Metrics
-from .readiness import Readiness
+from .limits import KeyLimits, Reservation
+from .refusals import Refusal, retry_headers
 from .responses import Responder
 from .routes import Route
 
@@ -31,13 +31,9 @@ CORS_EXPOSE = (
 
 
 class AccessControl:
-    def __init__(
-        self, config: Config, keys: KeySource, metrics: Metrics, readiness: Readiness
-    ) -> None:
+    def __init__(self, config: Config, keys: KeySource) -> None:
         self.config = config
         self.keys = keys
-        self.metrics = metrics
-        self.readiness = readiness
         self.key_limits: dict[str, KeyLimits] = {}
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
@@ -61,9 +57,8 @@ class AccessControl:
         allowed = self.config.cors_origins
         return bool(allowed) and ("*" in allowed or origin in allowed)
 
-    def authenticate(self, head: RequestHead, route: Route, out: Responder) -> ApiKey | bool:
-        """The request's key, or the refusal already sent (a bool: keep-alive)."""
-        keep = head.keep_alive and not head.has_body
+    def authenticate(self, head: RequestHead, route: Route, out: Responder) -> ApiKey:
+        """The request's key; raises the 401/403 Refusal otherwise."""
         # Bearer first, then X-API-Key: behind a platform that puts its own credential
         # in Authorization (RunPod's load balancer), clients send ours in X-API-Key.
         tokens = []
@@ -75,15 +70,8 @@ class AccessControl:
         api_key_header = (head.get("x-api-key") or "").strip()
         if api_key_header:
             tokens.append(api_key_header)
-        challenge = [("WWW-Authenticate", "Bearer")]
         if not tokens:
-            self.metrics.rejections["auth"] += 1
-            return out.error(
-                401,
-                "missing API key: send Authorization: Bearer <key>",
-                keep_alive=keep,
-                extra=challenge,
-            )
+            raise _unauthorized("missing API key: send Authorization: Bearer <key>")
         ring = self.keys.current()
         key = None
         for token in tokens:
@@ -91,20 +79,20 @@ class AccessControl:
             if key is not None:
                 break
         if key is None:
-            self.metrics.rejections["auth"] += 1
-            return out.error(401, "invalid API key", keep_alive=keep, extra=challenge)
+            raise _unauthorized("invalid API key")
         out.ex.key_id = key.key_id
         if key.expired():
-            self.metrics.rejections["auth"] += 1
-            return out.error(
-                401, "API key has expired", keep_alive=keep, extra=challenge, code="expired_api_key"
-            )
+            raise _unauthorized("API key has expired", code="expired_api_key")
         if route.scope not in key.scopes:
-            self.metrics.rejections["scope"] += 1
-            return out.error(
-                403, f"this key lacks the '{route.scope}' scope for {route.path}", keep_alive=keep
+            raise Refusal(
+                403, f"this key lacks the '{route.scope}' scope for {route.path}", "scope"
             )
         return key
+
+    def still_valid(self, key: ApiKey) -> None:
+        """After a slow body: a key revoked or expired meanwhile cannot start the request."""
+        if not self.keys.current().holds(key) or key.expired():
+            raise _unauthorized("API key was revoked or has expired", code="revoked_api_key")
 
     def limits_for(self, key: ApiKey) -> KeyLimits:
         rpm = key.rpm or self.config.max_requests_per_minute
@@ -123,49 +111,50 @@ class AccessControl:
             limits.update(rpm, key.tpm, key.concurrency)
         return limits
 
-    def check_request_limits(
-        self, key: ApiKey, limits: KeyLimits, out: Responder, keep: bool
-    ) -> bool | None:
+    def enter(self, key: ApiKey, limits: KeyLimits, out: Responder) -> None:
+        """Count the request against the key's rate and take a concurrent place, or refuse.
+
+        The place is taken here, at the check, with no await in between; the caller
+        gives it back with ``limits.leave()`` whatever happens to the request.
+        """
         now = time.monotonic()
         wait = limits.requests.try_take(now)
         out.ex.rate_headers = limits.headers(now)
         if wait:
-            self.metrics.rejections["rate"] += 1
-            return out.error(
+            raise Refusal(
                 429,
                 f"rate limit: {limits.requests.limit} requests per minute for key '{key.key_id}'",
-                keep_alive=keep,
-                extra=retry_headers(wait),
+                "rate",
+                headers=retry_headers(wait),
             )
-        if limits.concurrency is not None and limits.active >= limits.concurrency:
-            self.metrics.rejections["concurrency"] += 1
-            return out.error(
+        if not limits.enter():
+            raise Refusal(
                 429,
                 f"key '{key.key_id}' already has {limits.concurrency} request(s) running",
-                keep_alive=keep,
-                extra=retry_headers(1.0),
+                "concurrency",
+                headers=retry_headers(1.0),
                 code="concurrency_limit_exceeded",
             )
-        return None
 
-    def reserve_tokens(
-        self, limits: KeyLimits, payload: object, body: bytes, out: Responder
-    ) -> Reservation | float:
-        """Reserve an upper bound of the tokens this request can use."""
-        assert limits.tokens is not None
-        max_tokens = None
-        if isinstance(payload, dict):
-            for name in ("max_completion_tokens", "max_tokens", "n_predict"):
-                value = payload.get(name)
-                if isinstance(value, int) and value >= 0:
-                    max_tokens = value
-                    break
-        # A prompt never has more tokens than bytes of request body (every template and
-        # byte-fallback tokenizer emits at least one byte per token).
-        estimate = len(body) + (
-            max_tokens if max_tokens is not None else (self.readiness.ctx or 4096)
-        )
+    @staticmethod
+    def reserve_tokens(limits: KeyLimits, tokens: int, out: Responder) -> Reservation | None:
+        """Reserve ``tokens`` (the request's upper bound) in the key's window, or refuse."""
+        if limits.tokens is None:
+            return None
         now = time.monotonic()
-        got = limits.tokens.try_reserve(estimate, now)
+        got = limits.tokens.try_reserve(tokens, now)
         out.ex.rate_headers = limits.headers(now)
-        return got
+        if isinstance(got, Reservation):
+            return got
+        key_id = out.ex.key_id
+        message = (
+            f"this request could use up to {tokens} tokens, more than key '{key_id}' may use "
+            f"per minute ({limits.tokens.limit}): lower max_tokens, n or the prompt"
+            if math.isinf(got)
+            else f"token limit: {limits.tokens.limit} tokens per minute for key '{key_id}'"
+        )
+        raise Refusal(429, message, "tokens", headers=retry_headers(got), code="tokens_exceeded")
+
+
+def _unauthorized(message: str, code: str | None = None) -> Refusal:
+    return Refusal(401, message, "auth", headers=[("WWW-Authenticate", "Bearer")], code=code)

@@ -5,7 +5,9 @@ client that goes away then closes the stream, and llama-server stops generating 
 (it keeps going on a non-streaming request whose client has gone). The client still gets
 the response llama-server would have sent: the same fields, content joined from the
 deltas, tool calls merged by index, logprobs concatenated, usage and timings from the
-final chunk.
+final chunk of each task. With several choices llama-server itself reports the first
+task's usage only; the assembled response reports the sum over all of them, as they were
+all generated.
 """
 
 from __future__ import annotations
@@ -13,29 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
-class SseEvents:
-    """Split decoded SSE bytes into the ``data`` payload of each complete event."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if not data:
-            return []
-        self._buf += data
-        payloads: list[bytes] = []
-        while True:
-            end = self._buf.find(b"\n\n")
-            if end < 0:
-                return payloads
-            event = bytes(self._buf[:end])
-            del self._buf[: end + 2]
-            lines = [
-                line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
-            ]
-            if lines:
-                payloads.append(b"\n".join(lines))
+from .sse import UsageTally
 
 
 class _Choice:
@@ -71,10 +51,12 @@ class _Choice:
 class Assembler:
     """Accumulates stream chunks for ``/v1/chat/completions`` or ``/v1/completions``."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, tally: UsageTally) -> None:
         self.chat = path == "/v1/chat/completions"
         self.meta: dict[str, Any] = {}
-        self.usage: Any = None
+        self.tally = tally
+        self.usage: Any = None  # the one task's usage as llama-server wrote it
+        self.usage_events = 0
         self.timings: Any = None
         self.choices: dict[int, _Choice] = {}
         self.finished = False
@@ -97,8 +79,10 @@ class Assembler:
         for field in ("id", "created", "model", "system_fingerprint"):
             if field in chunk and field not in self.meta:
                 self.meta[field] = chunk[field]
-        if chunk.get("usage") is not None:
+        if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
+            self.usage_events += 1
+            self.tally.add(self.usage)
         if chunk.get("timings") is not None:
             self.timings = chunk["timings"]
         for raw in chunk.get("choices") or ():
@@ -156,8 +140,10 @@ class Assembler:
             if field in self.meta:
                 response[field] = self.meta[field]
         response["object"] = "chat.completion" if self.chat else "text_completion"
-        if self.usage is not None:
+        if self.usage_events == 1:
             response["usage"] = self.usage
+        elif self.usage_events:
+            response["usage"] = self.tally.as_openai()
         if "id" in self.meta:
             response["id"] = self.meta["id"]
         if self.timings is not None:

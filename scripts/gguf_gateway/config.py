@@ -110,6 +110,7 @@ class Config:
     max_concurrent_requests: int | None = None
     max_queue_size: int | None = None
     queue_timeout: float = 30.0
+    max_queue_per_key: int | None = None
 
     max_request_body_size: int = 10 * 1024 * 1024
     max_header_bytes: int = 16384
@@ -117,6 +118,7 @@ class Config:
     max_connections: int = 4096
 
     client_header_timeout: float = 10.0
+    client_body_timeout: float = 60.0
     client_idle_timeout: float = 75.0
     backend_connect_timeout: float = 5.0
     first_byte_timeout: float = 600.0
@@ -124,6 +126,7 @@ class Config:
     sse_keepalive_interval: float = 15.0
     drain_timeout: float = 8.0
 
+    allow_remote_media: bool = False
     cors_origins: tuple[str, ...] = ()
     metrics_auth_enabled: bool = False
     log_level: str = "INFO"
@@ -153,11 +156,13 @@ class Config:
             max_concurrent_requests=_optional_int(env, "MAX_CONCURRENT_REQUESTS"),
             max_queue_size=_optional_int(env, "MAX_QUEUE_SIZE", minimum=0),
             queue_timeout=_seconds(env, "QUEUE_TIMEOUT", 30.0),
+            max_queue_per_key=_optional_int(env, "MAX_QUEUE_PER_KEY"),
             max_request_body_size=_int(env, "MAX_REQUEST_BODY_SIZE", 10 * 1024 * 1024, 1),
             max_header_bytes=_int(env, "MAX_HEADER_BYTES", 16384, 256),
             max_headers=_int(env, "MAX_HEADERS", 100, 1),
             max_connections=_int(env, "MAX_CONNECTIONS", 4096, 1),
             client_header_timeout=_seconds(env, "CLIENT_HEADER_TIMEOUT", 10.0),
+            client_body_timeout=_seconds(env, "CLIENT_BODY_TIMEOUT", 60.0),
             client_idle_timeout=_seconds(env, "CLIENT_IDLE_TIMEOUT", 75.0),
             backend_connect_timeout=_seconds(env, "BACKEND_CONNECT_TIMEOUT", 5.0),
             first_byte_timeout=_seconds(env, "FIRST_BYTE_TIMEOUT", 600.0),
@@ -168,6 +173,7 @@ class Config:
                 o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()
             ),
             metrics_auth_enabled=_bool(env, "METRICS_AUTH_ENABLED", False),
+            allow_remote_media=_bool(env, "ALLOW_REMOTE_MEDIA", False),
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             event_loop=_choice(env, "EVENT_LOOP", "asyncio", ("asyncio", "uvloop")),

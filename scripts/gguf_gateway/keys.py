@@ -137,6 +137,10 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def holds(self, key: ApiKey) -> bool:
+        """Whether ``key`` (id and secret) is still in this ring."""
+        return any(k.key_id == key.key_id and k.digest == key.digest for k in self.keys)
+
     def match(self, token: str) -> ApiKey | None:
         presented = digest_of(token)
         found: ApiKey | None = None

@@ -1,8 +1,11 @@
 """The usage ledger: one JSON line per finished request, kept on the data volume.
 
 Operators on scale-to-zero platforms have no database; the ledger survives restarts on
-the volume and is what `scripts/usage_report.py` sums per key and day. Files rotate by size
-(usage.jsonl -> usage.jsonl.1 -> ... -> usage.jsonl.N). One small buffered write per
+the volume and is what `scripts/usage_report.py` sums per key and day. It is billing
+history, so rotation archives and never deletes: at MAX_BYTES usage.jsonl becomes
+usage.jsonl.N, N one more than the newest archive (pruning old archives is the
+operator's decision, not traffic's). Every field is bounded by the caller (a string a
+client chose is cut to FIELD_LIMIT characters). One small buffered write per
 request, batched: lines are written at most once a second (and at shutdown), so the
 request path pays no system call for them. Key ids only, never secrets.
 """
@@ -20,14 +23,29 @@ log = logging.getLogger("gateway")
 
 MAX_BYTES = 64 * 1024 * 1024
 FLUSH_SECONDS = 1.0
-KEEP = 5
+FIELD_LIMIT = 128
+
+
+def bounded(value: str | None) -> str | None:
+    """A client-chosen string as the ledger and logs keep it."""
+    return value if value is None or len(value) <= FIELD_LIMIT else value[:FIELD_LIMIT]
+
+
+def archive_number(path: Path) -> int:
+    suffix = path.name.rpartition(".")[2]
+    return int(suffix) if suffix.isdigit() else 0
+
+
+def archives(path: Path) -> list[Path]:
+    """The archived files of ledger ``path``, oldest first."""
+    found = [p for p in path.parent.glob(path.name + ".*") if archive_number(p)]
+    return sorted(found, key=archive_number)
 
 
 class UsageLedger:
-    def __init__(self, path: Path, max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
+    def __init__(self, path: Path, max_bytes: int = MAX_BYTES) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self.keep = keep
         self._file: IO[str] | None = None
         self._size = 0
         self._broken = False
@@ -50,12 +68,10 @@ class UsageLedger:
         if self._file is not None:
             self._file.close()
             self._file = None
-        for index in range(self.keep - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{index}")
-            if older.exists():
-                os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        existing = archives(self.path)
+        number = archive_number(existing[-1]) + 1 if existing else 1
         if self.path.exists():
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.{number}"))
 
     def record(self, entry: dict[str, Any]) -> None:
         if self._broken:

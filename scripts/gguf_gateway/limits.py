@@ -1,15 +1,16 @@
 """Per-key request and token limits, and slot-aware admission with a fair queue.
 
 Requests per minute use a sliding 60 s window of timestamps, so memory per key is bounded
-by its limit. Tokens per minute are reserved at admission (an upper bound: the request
-body's size stands in for prompt tokens, plus ``max_tokens``) and settled to the
-``usage`` llama-server reports, so a burst of parallel requests cannot overshoot the
-limit while each is still running.
+by its limit. Tokens per minute are reserved before the request goes out (an upper bound of what
+llama-server can do for that body, see tokens.py) and settled to the ``usage``
+llama-server reports, so a burst of parallel requests cannot overshoot the limit while
+each is still running.
 
 Admission caps requests in flight at llama-server's slot count: more would only queue
-inside llama-server, where a waiting request holds a connection but shows nowhere. Waiters
-are served round-robin across keys, so one tenant flooding the queue delays the others by
-at most one turn each.
+inside llama-server, where a waiting request holds a connection but shows nowhere. A
+request counts for every task it makes llama-server run. Waiters are served round-robin
+across keys, and one key holds at most MAX_QUEUE_PER_KEY places, so a tenant flooding the
+queue delays the others by at most one turn each and never fills it for them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 WINDOW = 60.0
-# The OpenAI SDKs give up on waits longer than this; tell them not to retry at all.
-MAX_SDK_RETRY_WAIT = 120.0
 
 
 @dataclass(slots=True)
@@ -124,6 +123,16 @@ class KeyLimits:
         self.concurrency = concurrency
         self.active = 0
 
+    def enter(self) -> bool:
+        """Take one of the key's concurrent places, if one is free (no await in between)."""
+        if self.concurrency is not None and self.active >= self.concurrency:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        self.active -= 1
+
     def update(self, rpm: int, tpm: int | None, concurrency: int | None) -> None:
         """A reload changed the key's fields: keep its history, apply the new limits."""
         self.requests.limit = rpm
@@ -148,21 +157,12 @@ class KeyLimits:
         return out
 
 
-def retry_headers(wait: float) -> list[tuple[str, str]]:
-    """Headers for a 429: when to retry, and whether an SDK should bother."""
-    if math.isinf(wait):
-        return [("x-should-retry", "false")]
-    out = [
-        ("Retry-After", str(max(1, math.ceil(wait)))),
-        ("retry-after-ms", str(max(1, math.ceil(wait * 1000)))),
-    ]
-    if wait > MAX_SDK_RETRY_WAIT:
-        out.append(("x-should-retry", "false"))
-    return out
-
-
 class QueueFull(Exception):
-    pass
+    """No queue place: the whole queue, or this key's share of it, is taken."""
+
+    def __init__(self, per_key: bool) -> None:
+        super().__init__("queue full")
+        self.per_key = per_key
 
 
 class QueueTimeout(Exception):
@@ -170,56 +170,78 @@ class QueueTimeout(Exception):
 
 
 class Admission:
-    """At most ``limit`` requests with the backend; a bounded queue served round-robin by key."""
+    """At most ``limit`` slots in use; a bounded queue served round-robin by key.
 
-    def __init__(self, limit: int, queue_size: int, timeout: float) -> None:
+    A request takes as many slots as llama-server will run tasks for it (choices times
+    prompts). A key may hold at most ``per_key`` queue places, so one flooding key never
+    locks the others out of the queue; waiters are granted one key at a time in turn.
+    """
+
+    def __init__(self, limit: int, queue_size: int, timeout: float, per_key: int) -> None:
         self.limit = limit
         self.queue_size = queue_size
         self.timeout = timeout
+        self.per_key = max(1, per_key)
         self.active = 0
         self.waiting = 0
-        self._queues: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self._queues: OrderedDict[str, deque[tuple[asyncio.Future[None], int]]] = OrderedDict()
 
-    async def acquire(self, key_id: str) -> None:
-        if self.active < self.limit and not self.waiting:
-            self.active += 1
+    async def acquire(self, key_id: str, slots: int = 1) -> None:
+        if self.active + slots <= self.limit and not self.waiting:
+            self.active += slots
             return
         if self.waiting >= self.queue_size:
-            raise QueueFull()
+            raise QueueFull(per_key=False)
+        queue = self._queues.get(key_id)
+        if queue is not None and len(queue) >= self.per_key:
+            raise QueueFull(per_key=True)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key_id, deque()).append(future)
+        entry = (future, slots)
+        self._queues.setdefault(key_id, deque()).append(entry)
         self.waiting += 1
         try:
             async with asyncio.timeout(self.timeout):
                 await future
         except BaseException as exc:
             if future.done() and not future.cancelled():
-                # Granted just as we gave up: pass the slot on.
-                self.release()
+                # Granted just as we gave up: pass the slots on.
+                self.release(slots)
             else:
-                self._forget(key_id, future)
+                self._forget(key_id, entry)
             if isinstance(exc, TimeoutError):
                 raise QueueTimeout() from None
             raise
 
-    def _forget(self, key_id: str, future: asyncio.Future[None]) -> None:
+    def _forget(self, key_id: str, entry: tuple[asyncio.Future[None], int]) -> None:
         queue = self._queues.get(key_id)
-        if queue is not None and future in queue:
-            queue.remove(future)
+        if queue is not None and entry in queue:
+            queue.remove(entry)
             self.waiting -= 1
             if not queue:
                 del self._queues[key_id]
+            # A large waiter leaving may let smaller ones behind it in.
+            self._grant()
 
-    def release(self) -> None:
+    def release(self, slots: int = 1) -> None:
+        self.active -= slots
+        self._grant()
+
+    def _grant(self) -> None:
+        """Hand free slots to waiters, one key at a time in turn."""
         while self._queues:
             key_id, queue = next(iter(self._queues.items()))
-            future = queue.popleft()
-            self.waiting -= 1
+            future, slots = queue[0]
+            if future.done():  # cancelled, and its owner has not run yet
+                queue.popleft()
+                self.waiting -= 1
+            elif self.active + slots > self.limit:
+                return  # the next in turn waits for enough slots: no overtaking
+            else:
+                queue.popleft()
+                self.waiting -= 1
+                self.active += slots
+                future.set_result(None)
             if queue:
                 self._queues.move_to_end(key_id)
             else:
                 del self._queues[key_id]
-            if not future.done():
-                future.set_result(None)  # the slot passes to the waiter
-                return
-        self.active -= 1

@@ -3,7 +3,8 @@
 While a stream is relayed, the backend connection's transport is handed this protocol
 instead of its StreamReader. Each read from llama-server is then framing-checked and
 written to the client inside ``data_received``: no task wake-up, no reader buffer, no
-copy per event. The coroutine that owns the request only wakes when the stream ends,
+copy per event. Only the few reads that end a task (where llama-server puts ``usage``) are
+parsed, to settle the request's tokens. The coroutine that owns the request only wakes when the stream ends,
 fails, or the client's socket is full (backpressure: reading from llama-server pauses
 until the client has drained).
 """
@@ -16,12 +17,9 @@ from enum import Enum
 from typing import cast
 
 from .backend import BACKEND_LIMITS
-from .http11 import ChunkedDecoder, ChunkedScanner, HttpError
+from .http11 import LAST_CHUNK, ChunkedDecoder, ChunkedScanner, HttpError, chunk
+from .sse import USAGE_MARK, UsageTally
 
-# Mark the usage-only chunk at the end of an OpenAI-style stream (JSON escaping keeps
-# them out of token text). Other stream formats (Anthropic, Responses) are not parsed.
-USAGE_MARK = b'"usage":'
-USAGE_ONLY = b'"choices":[]'
 # Unsent bytes for the client above which reading from llama-server pauses.
 HIGH_WATER = 64 * 1024
 
@@ -36,13 +34,20 @@ class BackendClosed(Exception):
 
 
 class StreamPipe(asyncio.Protocol):
+    """Relays one stream; reads that carry usage are held to a chunk boundary and tallied.
+
+    ``tally``: where the usage of each finished task is summed (None: not read).
+    ``strip_usage``: drop the usage-only chunks the client did not ask for.
+    """
+
     def __init__(
         self,
         client: asyncio.WriteTransport,
         touch: Callable[[], None],
         *,
         decode: bool,
-        watch_usage: bool,
+        tally: UsageTally | None,
+        strip_usage: bool,
     ) -> None:
         self.client = client
         self.touch = touch
@@ -50,10 +55,10 @@ class StreamPipe(asyncio.Protocol):
         # HTTP/1.0 clients cannot take chunked framing: their bytes are decoded.
         self.decoder = ChunkedDecoder(BACKEND_LIMITS) if decode else None
         self._decode_buf = bytearray()
-        self.watch_usage = watch_usage
-        # Once the usage-only chunk shows up, the (few) remaining bytes are kept here
-        # for the owner to finish: usage read, chunk dropped if it was not asked for.
-        self.tail: bytearray | None = None
+        self.tally = tally
+        self.strip_usage = strip_usage
+        # Bytes of a read with usage in it, kept until the chunk it is in is complete.
+        self._held = bytearray()
         self.sent = 0
         self.finished = False
         self.backend: asyncio.Transport | None = None
@@ -76,35 +81,55 @@ class StreamPipe(asyncio.Protocol):
         if self.finished:
             return
         self.touch()
+        # Usage is read from whole chunks only: a read that starts inside a chunk goes
+        # through untallied (and the request keeps its reservation: never under-counted).
+        whole = self.tally is not None and self.scanner.at_boundary
         try:
-            if (
-                self.watch_usage
-                and self.tail is None
-                and USAGE_ONLY in data
-                and USAGE_MARK in data
-                and self.scanner.at_boundary
-            ):
-                self.tail = bytearray()
             done = self.scanner.feed(data)
+            if self._held or (whole and USAGE_MARK in data):
+                # The rare read that ends a task: parse it (once whole), pass the rest.
+                self._held += data
+                if not (done or self.scanner.at_boundary):
+                    return
+                self._write_settled(done)
+            elif self.decoder is None:
+                self.client.write(data)
+                self.sent += len(data)
+            else:
+                self._write_decoded(data)
         except HttpError as exc:
             self._wake(exc)
             return
-        if self.tail is not None:
-            self.tail += data
-        elif self.decoder is None:
-            self.client.write(data)
-            self.sent += len(data)
-        else:
-            self._decode_buf += data
-            payload = self.decoder.feed(self._decode_buf)
-            self.client.write(payload)
-            self.sent += len(payload)
         if done:
             self.finished = True
             self._wake(PipeEvent.DONE)
         elif self.client.get_write_buffer_size() > HIGH_WATER and self.backend is not None:
             self.backend.pause_reading()
             self._wake(PipeEvent.PAUSED)
+
+    def _write_decoded(self, data: bytes) -> None:
+        assert self.decoder is not None
+        self._decode_buf += data
+        payload = self.decoder.feed(self._decode_buf)
+        self.client.write(payload)
+        self.sent += len(payload)
+
+    def _write_settled(self, last: bool) -> None:
+        """Tally the held whole chunks' usage and write them, re-framed if events were cut."""
+        assert self.tally is not None
+        held = bytes(self._held)
+        self._held.clear()
+        decoder = ChunkedDecoder(BACKEND_LIMITS)
+        payload = decoder.feed(bytearray(held))
+        kept = self.tally.add_events(payload, self.strip_usage)
+        if self.decoder is not None:
+            out = kept  # HTTP/1.0: the client gets the events without framing
+        elif len(kept) == len(payload):
+            out = held  # nothing dropped: the backend's bytes as they came
+        else:
+            out = (chunk(kept) if kept else b"") + (LAST_CHUNK if last else b"")
+        self.client.write(out)
+        self.sent += len(out)
 
     def eof_received(self) -> bool:
         self._wake(BackendClosed("llama-server closed the stream early"))

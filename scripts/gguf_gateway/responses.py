@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import error_body
 from .http11 import response_head_bytes
+from .refusals import Refusal
+from .sse import UsageTally
 
 SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")]
 
@@ -29,11 +30,16 @@ class Exchange:
     ttfb: float | None = None
     sent: int = 0
     disconnected: bool = False
+    body_read: bool = False
     rate_headers: list[tuple[str, str]] = field(default_factory=list)
     cors_headers: list[tuple[str, str]] = field(default_factory=list)
-    usage: dict[str, Any] | None = None
+    tally: UsageTally = field(default_factory=UsageTally)
     model: str | None = None
     error: str | None = None
+    # Why the gateway refused it (gateway_rejections_total), or what failed in
+    # llama-server (gateway_backend_errors_total); None when served.
+    refused: str | None = None
+    backend_error: str | None = None
 
 
 class Responder:
@@ -87,10 +93,26 @@ class Responder:
         keep_alive: bool = True,
         extra: list[tuple[str, str]] | None = None,
         code: str | None = None,
+        param: str | None = None,
     ) -> bool:
         self.ex.error = message
         return self.send(
-            status, error_body(status, message, code), keep_alive=keep_alive, extra=extra
+            status, error_body(status, message, code, param), keep_alive=keep_alive, extra=extra
+        )
+
+    def refuse(self, refusal: Refusal, keep_alive: bool) -> bool:
+        """Write a refusal; it closes the connection when the refusal says so."""
+        if refusal.backend:
+            self.ex.backend_error = refusal.reason
+        else:
+            self.ex.refused = refusal.reason
+        return self.error(
+            refusal.status,
+            refusal.message,
+            keep_alive=keep_alive and not refusal.close,
+            extra=refusal.headers,
+            code=refusal.code,
+            param=refusal.param,
         )
 
     def stream_head(self, http11: bool) -> bytes:

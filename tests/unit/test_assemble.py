@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from gguf_gateway.assemble import Assembler, SseEvents
+from gguf_gateway.assemble import Assembler
+from gguf_gateway.sse import SseEvents, UsageTally
 
 
 def events(*chunks: dict[str, object]) -> list[bytes]:
@@ -30,7 +31,7 @@ META = {
 
 
 def test_tool_calls_reasoning_and_usage_are_merged() -> None:
-    assembler = Assembler("/v1/chat/completions")
+    assembler = Assembler("/v1/chat/completions", UsageTally())
     for payload in events(
         {**META, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
         {**META, "choices": [{"index": 0, "delta": {"reasoning_content": "think "}}]},
@@ -64,7 +65,7 @@ def test_tool_calls_reasoning_and_usage_are_merged() -> None:
 
 
 def test_several_choices_and_text_completions() -> None:
-    assembler = Assembler("/v1/completions")
+    assembler = Assembler("/v1/completions", UsageTally())
     meta = {**META, "object": "text_completion"}
     for payload in events(
         {**meta, "choices": [{"index": 1, "text": "b", "finish_reason": None}]},
@@ -82,7 +83,7 @@ def test_several_choices_and_text_completions() -> None:
 
 
 def test_an_error_mid_stream_becomes_the_response() -> None:
-    assembler = Assembler("/v1/chat/completions")
+    assembler = Assembler("/v1/chat/completions", UsageTally())
     for payload in events(
         {**META, "choices": [{"index": 0, "delta": {"content": "x"}}]},
         {"error": {"code": 400, "message": "context full", "type": "exceed_context_size_error"}},

@@ -1,0 +1,84 @@
+"""Request bodies: parsed once, checked for what must never reach llama-server.
+
+Pure functions; a body that cannot be served raises a 400 :class:`Refusal` naming why:
+
+* not UTF-8, not JSON, or not a JSON object (every route llama-server serves here takes
+  an object);
+* nested deeper than MAX_DEPTH: Python's parser would fail with a RecursionError, and
+  llama-server's JSON library frees nested values recursively;
+* media by remote URL (``image_url``, audio, files) while ALLOW_REMOTE_MEDIA is off:
+  with a multimodal projector loaded llama-server fetches such URLs itself, from inside
+  the container (request forgery). ``data:`` URIs carry the bytes and pass.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .refusals import bad_request
+
+MAX_DEPTH = 64
+# Keys under which OpenAI-, Responses- and Anthropic-style bodies carry media.
+_MEDIA_KEYS = ("image_url", "input_audio", "audio_url", "video_url", "file", "file_url")
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("request body is not valid UTF-8", "body") from None
+    try:
+        payload = json.loads(text)
+    except RecursionError:
+        raise bad_request(f"request body nests deeper than {MAX_DEPTH} levels", "body") from None
+    except ValueError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", "body") from None
+    if not isinstance(payload, dict):
+        raise bad_request("request body must be a JSON object", "body")
+    return payload
+
+
+def _url_of(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        for name in ("url", "file_url"):
+            url = value.get(name)
+            if isinstance(url, str):
+                return url
+    return None
+
+
+def _remote(url: str | None) -> bool:
+    return url is not None and not url.lstrip()[:5].lower() == "data:"
+
+
+def inspect(payload: dict[str, Any], allow_remote_media: bool) -> None:
+    """Refuse too-deep nesting and, unless allowed, media given by remote URL."""
+    stack: list[tuple[object, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"request body nests deeper than {MAX_DEPTH} levels", "body")
+        if isinstance(value, dict):
+            if not allow_remote_media:
+                _check_media(value)
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+
+
+def _check_media(part: dict[str, Any]) -> None:
+    found = [(key, _url_of(part[key])) for key in _MEDIA_KEYS if key in part]
+    # Anthropic-style: {"type": "image", "source": {"type": "url", "url": ...}}.
+    if part.get("type") == "url":
+        found.append(("source.url", _url_of(part)))
+    for key, url in found:
+        if _remote(url):
+            raise bad_request(
+                f"media by remote URL ({key}) is not allowed: send it inline as a data: URI "
+                "(the operator can set ALLOW_REMOTE_MEDIA=true)",
+                "remote_media",
+                param=key,
+            )

@@ -1,0 +1,311 @@
+"""One request, from its head to its last byte: the gateway's request pipeline.
+
+    route (deny by default) -> CORS preflight -> key and scope -> draining? -> local answer
+    -> loading? -> rate and concurrency (taken at once) -> body (whole-body deadline)
+    -> key still valid? -> parse and check the body -> plan (slots, token bound)
+    -> token reservation -> admission -> relay -> settle tokens
+
+Every refusal on the way is a :class:`Refusal`, raised where it is decided and written
+here, in ``handle``, before any response byte; the connection loop (server.py) closes the
+connection afterwards when the refusal or an unread body says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from . import bodies, tokens
+from .access import AccessControl
+from .client import ClientConnection, ClientGone
+from .config import Config
+from .endpoints import LocalEndpoints
+from .http11 import HttpError, RequestHead, request_bytes
+from .keys import ApiKey
+from .limits import Admission, KeyLimits, QueueFull, QueueTimeout, Reservation
+from .proxy import Forward, Relay, Shape
+from .readiness import LOADING, Readiness
+from .refusals import Refusal, bad_request, unavailable
+from .responses import Exchange, Responder
+from .routes import ADMIN_METRICS, ROUTES, Kind, Route
+
+log = logging.getLogger("gateway")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the connection loop needs to know after a request."""
+
+    keep_alive: bool
+    # The request's body is still on the wire (refused before it was read): close, and
+    # read what is left first so the client sees our answer rather than a reset.
+    linger: bool = False
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        access: AccessControl,
+        readiness: Readiness,
+        endpoints: LocalEndpoints,
+        relay: Relay,
+        admission: AdmissionSource,
+    ) -> None:
+        self.config = config
+        self.access = access
+        self.readiness = readiness
+        self.endpoints = endpoints
+        self.relay = relay
+        self.admission = admission
+        self._backend_host = f"{config.backend_host}:{config.port_backend}"
+        self._backend_auth = f"Bearer {config.backend_api_key}" if config.backend_api_key else ""
+
+    def exchange_for(self, head: RequestHead) -> Exchange:
+        sent_id = head.get("x-request-id")
+        request_id = sent_id if sent_id and _REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
+        route = ROUTES.get(head.path)
+        return Exchange(request_id, head.method, route.path if route else "other", time.monotonic())
+
+    async def handle(self, conn: ClientConnection, head: RequestHead, out: Responder) -> Outcome:
+        body_read = not head.has_body
+        try:
+            return await self._serve(conn, head, out)
+        except Refusal as refusal:
+            # The body was read unless the refusal came first; an unread one stays on
+            # the wire, so the connection closes after a lingering read.
+            body_read = out.ex.body_read or body_read
+            keep = out.refuse(refusal, head.keep_alive and body_read)
+            return Outcome(keep, linger=not body_read or refusal.close)
+        except HttpError as exc:
+            # Bad framing in the body: the connection can no longer be trusted.
+            reason = "size" if exc.status == 413 else "framing"
+            out.refuse(Refusal(exc.status, exc.message, reason, close=True), False)
+            return Outcome(False, linger=True)
+        except TimeoutError:
+            late = Refusal(
+                408, "request body not received within CLIENT_BODY_TIMEOUT", "timeout", close=True
+            )
+            out.refuse(late, False)
+            return Outcome(False, linger=True)
+        except ClientGone:
+            out.ex.disconnected = True
+            return Outcome(False)
+
+    async def _serve(self, conn: ClientConnection, head: RequestHead, out: Responder) -> Outcome:
+        route = ROUTES.get(head.path)
+        if route is None:
+            raise Refusal(404, f"no such endpoint: {head.path[:200]}", "not_found")
+        out.ex.cors_headers = self.access.cors_headers(head.get("origin"))
+        if head.method == "OPTIONS" and head.get("access-control-request-method"):
+            # A browser's preflight carries no credentials: answer it before auth.
+            if not out.ex.cors_headers:
+                raise Refusal(403, "origin not allowed (CORS_ORIGINS)", "cors")
+            keep = head.keep_alive and not head.has_body
+            preflight = self.access.preflight_headers(route)
+            out.send(204, b"", keep_alive=keep, extra=preflight, head_only=True)
+            return Outcome(keep, linger=head.has_body)
+        if head.method not in route.methods:
+            allow = [("Allow", ", ".join(sorted(route.methods)))]
+            raise Refusal(
+                405, f"{head.method} is not allowed on {route.path}", "method", headers=allow
+            )
+        if route.path == "/metrics" and self.config.metrics_auth_enabled:
+            route = ADMIN_METRICS
+        if route.scope is None:
+            # Unauthenticated: a stranger's body is never read or buffered.
+            if head.has_body:
+                raise bad_request(f"{route.path} takes no request body", "body")
+            keep = await self.endpoints.answer(out, head, route)
+            return Outcome(keep)
+        key = self.access.authenticate(head, route, out) if self.config.auth_enabled else None
+        if key is None:
+            out.ex.key_id = "anonymous"
+        if self.readiness.draining:
+            raise unavailable("the server is shutting down", "draining", retry_after=1)
+        if route.kind is Kind.LOCAL:
+            if head.has_body:
+                raise bad_request(f"{route.path} takes no request body", "body")
+            return Outcome(await self.endpoints.answer(out, head, route))
+        if not self.readiness.ever_ready or self.readiness.backend == LOADING:
+            raise unavailable("the model is still loading; retry shortly", "loading", 5)
+        if key is None:
+            return await self._with_body(conn, head, route, out, None, None)
+        limits = self.access.limits_for(key)
+        self.access.enter(key, limits, out)
+        try:
+            return await self._with_body(conn, head, route, out, key, limits)
+        finally:
+            limits.leave()
+
+    async def _with_body(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        route: Route,
+        out: Responder,
+        key: ApiKey | None,
+        limits: KeyLimits | None,
+    ) -> Outcome:
+        body = await conn.read_body(head, self.config.client_body_timeout)
+        out.ex.body_read = True
+        if key is not None and head.has_body:
+            self.access.still_valid(key)
+        forward, plan = self._prepare(head, route, out, body)
+        reservation: Reservation | None = None
+        if limits is not None and route.admitted:
+            reservation = self.access.reserve_tokens(limits, plan.tokens, out)
+        try:
+            if not route.admitted:
+                return Outcome(await self.relay.run(out, forward))
+            return Outcome(await self._admitted(conn, out, forward, plan))
+        finally:
+            if reservation is not None:
+                reservation.tokens = self._settled(out.ex, reservation.tokens)
+
+    def _prepare(
+        self, head: RequestHead, route: Route, out: Responder, body: bytes
+    ) -> tuple[Forward, tokens.Plan]:
+        """Check the body, plan its cost, and build the request llama-server will get."""
+        slot_ctx = self.readiness.ctx or 4096
+        shape, strip_usage = Shape.PLAIN, False
+        plan = tokens.Plan(1, slot_ctx)
+        if head.method == "POST":
+            if not body:
+                raise bad_request("request body is empty: send a JSON object", "body")
+            payload = bodies.parse_object(body)
+            bodies.inspect(payload, self.config.allow_remote_media)
+            model = payload.get("model")
+            out.ex.model = model if isinstance(model, str) else None
+            plan = tokens.plan(route.path, payload, len(body), slot_ctx)
+            changed = tokens.strip_server_fields(payload)
+            streamed = payload.get("stream") is True
+            if streamed:
+                shape = Shape.STREAM
+            if route.generation:
+                options = payload.get("stream_options")
+                asked = isinstance(options, dict) and options.get("include_usage") is True
+                # Usage is what token limits and metrics settle on: always ask for it,
+                # and drop the extra chunks from streams whose client did not. Non-streams
+                # run as streams so that a client leaving stops generation.
+                payload["stream"] = True
+                payload["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
+                strip_usage = streamed and not asked
+                shape = Shape.STREAM if streamed else Shape.ASSEMBLED
+                changed = True
+            if changed:
+                body = json.dumps(payload).encode()
+        request = self._backend_request(head, route, body, out.ex.request_id)
+        forward = Forward(request, shape, route.path, head.keep_alive, head.http11, strip_usage)
+        return forward, plan
+
+    async def _admitted(
+        self, conn: ClientConnection, out: Responder, forward: Forward, plan: tokens.Plan
+    ) -> bool:
+        """Wait for enough slots, then relay while watching the client for a disconnect."""
+        admission = self.admission()
+        slots = plan.tasks
+        if slots > admission.limit:
+            if forward.path in tokens.INPUT_ONLY:
+                # A batch of embeddings runs on every slot in turn: it takes them all.
+                slots = admission.limit
+            else:
+                raise bad_request(
+                    f"this request asks for {slots} generations at once (n times prompts); "
+                    f"the server runs at most {admission.limit}",
+                    "slots",
+                    param="n",
+                )
+        task = asyncio.current_task()
+        assert task is not None
+        watch = conn.watch()
+        try:
+            try:
+                await admission.acquire(out.ex.key_id, slots)
+            except QueueFull as exc:
+                message = (
+                    f"key '{out.ex.key_id}' already holds its {admission.per_key} queue places"
+                    if exc.per_key
+                    else "all slots are busy and the queue is full"
+                )
+                raise unavailable(message, "queue_key_full" if exc.per_key else "queue_full")
+            except QueueTimeout:
+                raise unavailable("waited too long for a slot", "queue_timeout") from None
+            try:
+                return await self.relay.run(out, forward)
+            finally:
+                admission.release(slots)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            task.uncancel()
+            raise ClientGone() from None
+        finally:
+            await watch.stop()
+
+    @staticmethod
+    def _settled(ex: Exchange, reserved: int) -> int:
+        """The tokens a finished request holds in its key's window."""
+        tally = ex.tally
+        if tally.prompt is not None:
+            return tally.prompt + (tally.completion or 0)
+        if 400 <= ex.status < 500 and not ex.disconnected:
+            return 0  # refused by llama-server: nothing was generated
+        # No full report (a client that left, a failure, a stream whose prompt count
+        # never came): the upper bound stays.
+        return reserved
+
+    def _backend_request(
+        self, head: RequestHead, route: Route, body: bytes, request_id: str
+    ) -> bytes:
+        """A fresh request: the route's own path, one Content-Length, the backend key.
+
+        Nothing else of the client's head is copied, so its credentials and hop-by-hop
+        headers never reach llama-server.
+        """
+        target = route.path + ("?" + head.query if head.query else "")
+        headers = [("Host", self._backend_host)]
+        if self._backend_auth:
+            headers.append(("Authorization", self._backend_auth))
+        if body:
+            headers.append(("Content-Type", head.get("content-type") or "application/json"))
+        headers.append(("X-Request-ID", request_id))
+        return request_bytes(head.method, target, headers, body)
+
+
+class AdmissionSource:
+    """The admission gate, created once llama-server's slot count is known."""
+
+    def __init__(self, config: Config, readiness: Readiness) -> None:
+        self.config = config
+        self.readiness = readiness
+        self.current: Admission | None = None
+
+    def __call__(self) -> Admission:
+        if self.current is None:
+            config = self.config
+            limit = config.max_concurrent_requests or self.readiness.slots or 4
+            queue = config.max_queue_size if config.max_queue_size is not None else 4 * limit
+            per_key = (
+                config.max_queue_per_key
+                if config.max_queue_per_key is not None
+                else max(1, queue // 2)
+            )
+            self.current = Admission(limit, queue, config.queue_timeout, per_key)
+            log.info(
+                "admission: %d slot(s), queue of %d (%d per key)",
+                limit,
+                queue,
+                self.current.per_key,
+            )
+        return self.current

@@ -1,0 +1,146 @@
+"""Server-sent events from llama-server: splitting them, and reading the usage they carry.
+
+llama-server puts ``"usage":`` only in the final event of each task (one per choice and
+per prompt): the usage-only chunk of an OpenAI chat stream, the last chunk of a text
+completion, ``response.completed`` on /v1/responses, ``message_start`` and
+``message_delta`` on /v1/messages. JSON escaping keeps the marker out of token text, so
+the relay looks for it with one substring search per read and parses only those reads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+USAGE_MARK = b'"usage":'
+# The extra chunk stream_options.include_usage adds: no choices, only usage.
+USAGE_ONLY = b'"choices":[]'
+
+
+class SseEvents:
+    """Split decoded SSE bytes into the ``data`` payload of each complete event."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if not data:
+            return []
+        self._buf += data
+        payloads: list[bytes] = []
+        while True:
+            end = self._buf.find(b"\n\n")
+            if end < 0:
+                return payloads
+            event = bytes(self._buf[:end])
+            del self._buf[: end + 2]
+            lines = [
+                line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+            ]
+            if lines:
+                payloads.append(b"\n".join(lines))
+
+
+def _data_of(event: bytes) -> bytes:
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+def usage_of(message: object) -> dict[str, Any] | None:
+    """The usage object of one parsed event or response body, wherever its format puts it."""
+    if not isinstance(message, dict):
+        return None
+    usage = message.get("usage")
+    if isinstance(usage, dict):
+        return usage
+    # /v1/responses: response.completed; /v1/messages: message_start.
+    for holder in ("response", "message"):
+        inner = message.get(holder)
+        if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+            return inner["usage"]  # type: ignore[no-any-return]
+    return None
+
+
+def _int(usage: dict[str, Any], name: str) -> int | None:
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class UsageTally:
+    """The tokens llama-server reports for one request, summed over all its tasks."""
+
+    __slots__ = ("prompt", "completion", "cached")
+
+    def __init__(self) -> None:
+        self.prompt: int | None = None
+        self.completion: int | None = None
+        self.cached: int | None = None
+
+    def add(self, usage: dict[str, Any]) -> None:
+        # OpenAI names, then Responses/Anthropic ones. Anthropic counts cache reads
+        # apart from input_tokens; both were prompt tokens llama-server processed.
+        prompt = _int(usage, "prompt_tokens")
+        if prompt is None:
+            prompt = _int(usage, "input_tokens")
+            read = _int(usage, "cache_read_input_tokens")
+            if prompt is not None and read:
+                prompt += read
+        completion = _int(usage, "completion_tokens")
+        if completion is None:
+            completion = _int(usage, "output_tokens")
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+        cached = _int(details, "cached_tokens") if isinstance(details, dict) else None
+        if cached is None:
+            cached = _int(usage, "cache_read_input_tokens")
+        if prompt is not None:
+            self.prompt = (self.prompt or 0) + prompt
+        if completion is not None:
+            self.completion = (self.completion or 0) + completion
+        if cached is not None:
+            self.cached = (self.cached or 0) + cached
+
+    @property
+    def known(self) -> bool:
+        return self.prompt is not None or self.completion is not None
+
+    def add_body(self, body: bytes) -> None:
+        """Usage from a whole JSON response body, if it has any."""
+        if USAGE_MARK not in body:
+            return
+        try:
+            usage = usage_of(json.loads(body))
+        except ValueError:
+            return
+        if usage is not None:
+            self.add(usage)
+
+    def add_events(self, payload: bytes, drop_usage_only: bool) -> bytes:
+        """Tally the usage in complete SSE events; returns them, less unwanted usage chunks.
+
+        ``payload`` is decoded SSE text made of whole events.
+        """
+        events = payload.split(b"\n\n")
+        kept: list[bytes] = []
+        for event in events:
+            if USAGE_MARK in event:
+                try:
+                    usage = usage_of(json.loads(_data_of(event)))
+                except ValueError:
+                    usage = None
+                if usage is not None:
+                    self.add(usage)
+                    if drop_usage_only and USAGE_ONLY in event:
+                        continue
+            kept.append(event)
+        return b"\n\n".join(kept)
+
+    def as_openai(self) -> dict[str, Any]:
+        prompt, completion = self.prompt or 0, self.completion or 0
+        usage: dict[str, Any] = {
+            "completion_tokens": completion,
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + completion,
+        }
+        if self.cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached}
+        return usage
