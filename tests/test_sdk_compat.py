@@ -47,7 +47,7 @@ def messages(port: int, payload: dict[str, object]) -> tuple[int, bytes, float, 
         },
     )
     response = conn.getresponse()
-    pieces = []
+    pieces: list[bytes] = []
     first_at = 0.0
     while True:
         piece = response.read1(65536)

@@ -15,7 +15,7 @@ import contextlib
 import socket
 
 from .backend import READ_SIZE
-from .http11 import ChunkedDecoder, HttpError, Limits, RequestHead, RequestHeadParser
+from .http11 import ChunkedDecoder, Limits, RequestHead, RequestHeadParser
 
 # Pipelined bytes a client may send while its previous request is in flight.
 MAX_PIPELINED = 65536

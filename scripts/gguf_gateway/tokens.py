@@ -5,9 +5,10 @@ holder who has read llama-server's docs can send any field it understands; the p
 follows llama-server's own reading of the body, not the OpenAI one:
 
 * length: ``n_predict`` wins over ``max_completion_tokens``, which wins over
-  ``max_tokens`` (``max_output_tokens`` on /v1/responses). None, or a negative value,
-  means "until the slot's context is full";
-* tasks: every choice (``n``) of every prompt of a batch (``prompt`` as a list on
+  ``max_tokens`` (``max_output_tokens`` replaces it on /v1/responses; /v1/messages reads
+  ``max_tokens`` only, 4096 when absent). None, or a negative value, means "until the
+  slot's context is full";
+* tasks: every choice (``n_cmpl``, or its alias ``n``) of every prompt of a batch (``prompt`` as a list on
   /v1/completions, ``input`` on /v1/embeddings, ``documents`` on /v1/rerank) is its own
   task inside llama-server, occupying a slot while it runs;
 * a task never holds more than the slot's context (prompt and completion together), and
@@ -30,8 +31,11 @@ LENGTH_FIELDS: dict[str, tuple[str, ...]] = {
     "/v1/chat/completions": ("n_predict", "max_completion_tokens", "max_tokens"),
     "/v1/completions": ("n_predict", "max_completion_tokens", "max_tokens"),
     "/v1/responses": ("n_predict", "max_output_tokens", "max_completion_tokens", "max_tokens"),
-    "/v1/messages": ("n_predict", "max_tokens"),
+    # Anthropic-style bodies are rebuilt by llama-server from a few known fields only.
+    "/v1/messages": ("max_tokens",),
 }
+# What llama-server generates on /v1/messages when max_tokens is absent.
+MESSAGES_DEFAULT_MAX_TOKENS = 4096
 # Routes that only read their input: no completion tokens.
 INPUT_ONLY = frozenset({"/v1/embeddings", "/v1/rerank"})
 # Fields that would let a client steer llama-server's scheduling: dropped from bodies.
@@ -78,11 +82,13 @@ def _batch_size(value: object) -> int:
 
 
 def choices(payload: dict[str, Any]) -> int:
-    n = _whole(payload, "n")
+    """Completions per prompt: llama-server reads ``n_cmpl``, then its alias ``n``."""
+    name = "n_cmpl" if payload.get("n_cmpl") is not None else "n"
+    n = _whole(payload, name)
     if n is None:
         return 1
     if not 1 <= n <= MAX_CHOICES:
-        raise bad_request(f"'n' must be between 1 and {MAX_CHOICES}", param="n")
+        raise bad_request(f"'{name}' must be between 1 and {MAX_CHOICES}", param=name)
     return n
 
 
@@ -103,6 +109,11 @@ def plan(path: str, payload: object, body_bytes: int, slot_ctx: int) -> Plan:
         # Each document is scored together with the query: the query counts every time.
         tokens = min(inputs * (body_bytes + _SPECIALS_PER_INPUT), inputs * slot_ctx)
         return Plan(inputs, tokens)
+    if path == "/v1/messages":
+        cap = completion_cap(path, payload)
+        if cap is None:
+            cap = MESSAGES_DEFAULT_MAX_TOKENS
+        return Plan(1, min(slot_ctx, body_bytes + cap))
     tasks = choices(payload)
     if path == "/v1/completions":
         tasks *= _batch_size(payload.get("prompt"))

@@ -307,7 +307,7 @@ def test_request_serialisation_has_exactly_one_content_length() -> None:
 
 def test_http_module_is_sans_io() -> None:
     source = (Path(__file__).parents[2] / "scripts" / "gguf_gateway" / "http11.py").read_text()
-    imported = set()
+    imported: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             imported.update(alias.name.split(".")[0] for alias in node.names)

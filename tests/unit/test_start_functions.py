@@ -1,0 +1,156 @@
+"""scripts/start.sh's functions, sourced one by one (main does not run): no processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support.procs import ROOT
+
+START = ROOT / "scripts" / "start.sh"
+
+
+def sourced(snippet: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``snippet`` in bash after sourcing start.sh (main does not run)."""
+    full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+    full_env.update(env or {})
+    return subprocess.run(
+        ["bash", "-c", f'source "{START}"; {snippet}'],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    "dirs, env, expected",
+    [
+        pytest.param([], {}, "/data", id="nothing-means-data"),
+        pytest.param(["workspace"], {}, "/workspace", id="pod-or-vast-workspace"),
+        pytest.param(
+            ["runpod-volume", "workspace"],
+            {"RUNPOD_POD_ID": "abc"},
+            "/runpod-volume",
+            id="runpod-serverless",
+        ),
+        pytest.param(["runpod-volume"], {}, "/data", id="volume-without-runpod-id"),
+        pytest.param(["workspace"], {"DATA_DIR": "/explicit"}, "/explicit", id="explicit-wins"),
+    ],
+)
+def test_data_dir_detection(
+    tmp_path: Path, dirs: list[str], env: dict[str, str], expected: str
+) -> None:
+    for name in dirs:
+        (tmp_path / name).mkdir()
+    result = sourced("resolve_data_dir", {"ROOT_PREFIX": str(tmp_path), **env})
+    assert result.returncode == 0, result.stderr
+    prefix = "" if expected == "/explicit" else str(tmp_path)
+    assert result.stdout.strip() == prefix + expected
+
+
+def test_platform_detection(tmp_path: Path) -> None:
+    (tmp_path / "runpod-volume").mkdir()
+    cases = [
+        ({"RUNPOD_POD_ID": "x"}, "runpod-serverless"),
+        ({"VAST_CONTAINERLABEL": "C.1"}, "vastai"),
+        ({}, "local"),
+    ]
+    for env, expected in cases:
+        assert (
+            sourced("detect_platform", {"ROOT_PREFIX": str(tmp_path), **env}).stdout.strip()
+            == expected
+        )
+    shutil.rmtree(tmp_path / "runpod-volume")
+    assert (
+        sourced(
+            "detect_platform", {"ROOT_PREFIX": str(tmp_path), "RUNPOD_POD_ID": "x"}
+        ).stdout.strip()
+        == "runpod-pod"
+    )
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF")
+    return path
+
+
+def test_model_resolution(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    show = 'resolve_model "$1"; echo "$MODEL_MODE|$MODEL_FILE"'
+
+    def resolve(env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return sourced(f'set -- "{models}"; {show}', env)
+
+    none = resolve()
+    assert none.returncode == 2 and str(models) in none.stderr and "MODEL_PATH" in none.stderr
+
+    touch(models / "big-00001-of-00003.gguf")
+    touch(models / "big-00002-of-00003.gguf")
+    touch(models / "big-00003-of-00003.gguf")
+    touch(models / "mmproj-big.gguf")
+    assert resolve().stdout.strip() == f"single|{models}/big-00001-of-00003.gguf"
+
+    touch(models / "other.gguf")
+    assert resolve().stdout.strip() == "router|"
+    assert resolve({"MODEL_NAME": "other.gguf"}).stdout.strip() == f"single|{models}/other.gguf"
+    explicit = touch(tmp_path / "elsewhere.gguf")
+    assert resolve({"MODEL_PATH": str(explicit)}).stdout.strip() == f"single|{explicit}"
+
+    missing = resolve({"MODEL_NAME": "nope.gguf"})
+    assert missing.returncode == 2 and "MODEL_NAME=nope.gguf" in missing.stderr
+    missing = resolve({"MODEL_PATH": "/no/such.gguf"})
+    assert missing.returncode == 2 and "MODEL_PATH=/no/such.gguf" in missing.stderr
+
+
+def llama_args(env: dict[str, str]) -> list[str]:
+    result = sourced(
+        "MODEL_MODE=single MODEL_FILE=/m.gguf; llama_args /models /run/key",
+        {"PORT_BACKEND": "9999", **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_llama_flags_are_passed_only_when_set() -> None:
+    base = llama_args({})
+    assert base == [
+        "-m", "/m.gguf", "--host", "127.0.0.1", "--port", "9999",
+        "--api-key-file", "/run/key", "--metrics", "--slots",
+    ]  # fmt: skip
+    full = llama_args(
+        {"NGL": "99", "CTX": "8192", "PARALLEL": "8", "EXTRA_ARGS": "--flash-attn on --jinja"}
+    )
+    assert full[len(base) :] == [
+        "-ngl",
+        "99",
+        "-c",
+        "8192",
+        "-np",
+        "8",
+        "--flash-attn",
+        "on",
+        "--jinja",
+    ]
+
+
+def test_router_mode_passes_the_models_dir() -> None:
+    result = sourced("MODEL_MODE=router; llama_args /models /k", {"PORT_BACKEND": "1"})
+    assert result.stdout.split()[:2] == ["--models-dir", "/models"]
+
+
+def test_inherited_llama_env_is_scrubbed() -> None:
+    env = {
+        "LLAMA_ARG_HOST": "0.0.0.0",
+        "LLAMA_ARG_PORT": "80",
+        "LLAMA_API_KEY": "leak",
+        "LLAMA_ARG_CTX_SIZE": "4096",
+    }
+    result = sourced("scrub_llama_env; env | grep ^LLAMA_ || true", env)
+    assert result.stdout.split() == ["LLAMA_ARG_CTX_SIZE=4096"]
