@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
@@ -78,11 +79,20 @@ def main(argv: list[str]) -> int:
         config.api_key_file,
         log=log.warning,
     )
+    problem = key_file_problem(config)
+    if problem:
+        log.error(problem)
+        return 2
     if config.auth_enabled and not len(keys.ring):
         log.error(NO_KEYS_MESSAGE.format(file=config.auth_keys_file))
         return 2
     if check_only:
-        # Used by start.sh: validate everything before any process starts.
+        # Used by start.sh: validate everything before any process starts, and tell it
+        # the facts its boot block needs, so no rule is written twice.
+        print(f"platform={config.platform}")
+        print(f"data_dir={config.data_dir}")
+        print(f"auth={'on' if config.auth_enabled else 'off'}")
+        print(f"keys={len(keys.ring)}")
         return 0
     raise_fd_limit(config.max_connections)
     if config.event_loop == "uvloop":
@@ -93,6 +103,20 @@ def main(argv: list[str]) -> int:
         else:
             return int(uvloop.run(serve(config, keys)))
     return asyncio.run(serve(config, keys))
+
+
+def key_file_problem(config: Config) -> str | None:
+    """A key file that exists but cannot be used: said plainly rather than as "no keys"."""
+    if not config.auth_enabled:
+        return None
+    path = config.auth_keys_file
+    if path.is_dir():
+        return f"AUTH_KEYS_FILE={path} is a directory, not a key file"
+    if path.exists() and not os.access(path, os.R_OK):
+        return f"AUTH_KEYS_FILE={path} is not readable"
+    if config.api_key_file is not None and not os.access(config.api_key_file, os.R_OK):
+        return f"API_KEY_FILE={config.api_key_file} is not readable"
+    return None
 
 
 def raise_fd_limit(connections: int) -> None:

@@ -11,6 +11,12 @@ neither slow inference nor be slowed by it:
 
 HEALTH_MODE=static answers 200 always. Without a state file (run on its own) it asks the
 gateway's /ping on loopback instead.
+
+The port is open to the internet: every connection gets one answer and is closed, a
+connection that sends no complete request within CONNECTION_TIMEOUT is dropped, the
+listen backlog is deep, and at most MAX_THREADS connections are handled at once (beyond
+that a connection is closed unanswered), so idle or half-sent connections cannot keep a
+probe waiting.
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STATUS_FOR_STATE = {"starting": 204, "loading": 204, "ready": 200, "draining": 503, "failed": 503}
+from gguf_gateway.readiness import PROBE_STATUS
+
+CONNECTION_TIMEOUT = 2.0
+MAX_THREADS = 1024
 
 
 def read_state(state_file: str) -> str:
@@ -48,6 +59,7 @@ def gateway_state(port: int) -> str:
 class HealthHandler(BaseHTTPRequestHandler):
     server_version = "llama-gguf-inference-health"
     protocol_version = "HTTP/1.1"
+    timeout = CONNECTION_TIMEOUT  # applied to the socket: an idle client is dropped
     static = False
     state_file = ""
     gateway_port = 8000
@@ -59,10 +71,13 @@ class HealthHandler(BaseHTTPRequestHandler):
             state = read_state(self.state_file)
         else:
             state = gateway_state(self.gateway_port)
-        status = STATUS_FOR_STATE.get(state, 503)
+        status = PROBE_STATUS.get(state, 503)
         body = b"" if status == 204 else json.dumps({"status": state}).encode()
+        # One answer per connection: a body a client announced is never read.
+        self.close_connection = True
         self.send_response(status)
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
         if status != 204:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -81,6 +96,28 @@ class HealthHandler(BaseHTTPRequestHandler):
         return
 
 
+class HealthServer(ThreadingHTTPServer):
+    request_queue_size = 1024
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_THREADS)
+        super().__init__(address, HealthHandler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def main() -> int:
     host = os.environ.get("HOST", "").strip() or "0.0.0.0"
     raw_port = os.environ.get("PORT_HEALTH", "").strip() or "8001"
@@ -96,14 +133,13 @@ def main() -> int:
     HealthHandler.state_file = os.environ.get("GATEWAY_STATE_FILE", "").strip()
     HealthHandler.gateway_port = int(gateway_port) if gateway_port.isdigit() else 8000
     try:
-        server = ThreadingHTTPServer((host, int(raw_port)), HealthHandler)
+        server = HealthServer((host, int(raw_port)))
     except OSError as exc:
         print(
             f"health: cannot listen on {host}:{raw_port} ({exc.strerror}): is PORT_HEALTH in use?",
             file=sys.stderr,
         )
         return 2
-    server.daemon_threads = True
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:

@@ -16,6 +16,10 @@ readonly SCRIPT_DIR
 ROOT_PREFIX="${ROOT_PREFIX:-}"
 
 # Child PIDs and run-time state, set by main.
+PLATFORM=""
+AUTH_MODE=""
+KEY_COUNT=0
+TICKER_PID=""
 HEALTH_PID=""
 LLAMA_PID=""
 GATEWAY_PID=""
@@ -32,29 +36,22 @@ die_config() {
 
 # ---------------------------------------------------------------- platform and storage
 
-detect_platform() {
-  if [[ -n "${RUNPOD_POD_ID:-}" && -d "${ROOT_PREFIX}/runpod-volume" ]]; then
-    echo "runpod-serverless"
-  elif [[ -n "${RUNPOD_POD_ID:-}" ]]; then
-    echo "runpod-pod"
-  elif [[ -n "${VAST_CONTAINERLABEL:-}" ]]; then
-    echo "vastai"
-  else
-    echo "local"
-  fi
-}
-
-# DATA_DIR: explicit value wins; else the platform's volume; else /data.
-resolve_data_dir() {
-  if [[ -n "${DATA_DIR:-}" ]]; then
-    echo "$DATA_DIR"
-  elif [[ -n "${RUNPOD_POD_ID:-}" && -d "${ROOT_PREFIX}/runpod-volume" ]]; then
-    echo "${ROOT_PREFIX}/runpod-volume"
-  elif [[ -d "${ROOT_PREFIX}/workspace" ]]; then
-    echo "${ROOT_PREFIX}/workspace"
-  else
-    echo "${ROOT_PREFIX}/data"
-  fi
+# load_facts: the platform, DATA_DIR, auth mode and key count, as the gateway resolves
+# them (gateway.py --check): one definition of each rule, in Python. Exits 2 with the
+# gateway's message when a gateway setting or the key configuration cannot work.
+load_facts() {
+  local facts name value
+  facts="$(python3 "$SCRIPT_DIR/gateway.py" --check)" || exit 2
+  while IFS='=' read -r name value; do
+    case "$name" in
+      platform) PLATFORM="$value" ;;
+      data_dir) DATA_DIR="$value" ;;
+      auth) AUTH_MODE="$value" ;;
+      keys) KEY_COUNT="$value" ;;
+    esac
+  done <<<"$facts"
+  [[ -n "$PLATFORM" && -n "$DATA_DIR" ]] || die_config "gateway.py --check gave no platform facts"
+  export PLATFORM DATA_DIR
 }
 
 # ---------------------------------------------------------------- validation
@@ -88,9 +85,37 @@ validate_settings() {
     ready | static) ;;
     *) die_config "HEALTH_MODE='${HEALTH_MODE}': expected ready or static" ;;
   esac
-  if [[ "$PORT" == "$PORT_HEALTH" || "$PORT" == "$PORT_BACKEND" || "$PORT_HEALTH" == "$PORT_BACKEND" ]]; then
-    die_config "PORT=$PORT, PORT_HEALTH=$PORT_HEALTH and PORT_BACKEND=$PORT_BACKEND must all differ"
+  # PORT_HEALTH may equal PORT (RunPod's load balancer defaults it so): the gateway then
+  # answers the probes itself. The backend's port is loopback-only and must differ.
+  if [[ "$PORT_BACKEND" == "$PORT" || "$PORT_BACKEND" == "$PORT_HEALTH" ]]; then
+    die_config "PORT_BACKEND=$PORT_BACKEND must differ from PORT=$PORT and PORT_HEALTH=$PORT_HEALTH"
   fi
+  check_extra_args
+}
+
+single_port() { [[ "$PORT" == "$PORT_HEALTH" ]]; }
+
+# check_extra_args: EXTRA_ARGS may tune llama-server, not take over what the supervisor
+# owns (where it listens, its key, which model) nor let it run tools on the server.
+check_extra_args() {
+  local -a extra
+  local arg flag
+  read -r -a extra <<<"${EXTRA_ARGS:-}"
+  for arg in "${extra[@]}"; do
+    flag="${arg%%=*}"
+    case "$flag" in
+      --host | --port | --path | --reuse-port | --api-key | --api-key-file | --ssl-key-file | \
+        --ssl-cert-file | -m | --model | -mu | --model-url | -hf | -hfr | --hf-repo | -hff | \
+        --hf-file | -hft | --hf-token | --models-dir | --models-preset | --models-max)
+        die_config "EXTRA_ARGS may not set $flag: the supervisor owns it (use PORT, MODEL_PATH/MODEL_NAME, MODELS_MAX, the key file)"
+        ;;
+      --tools | -ag | --agent | --mcp-* | --ui-mcp-proxy | --webui-mcp-proxy)
+        if [[ "${ALLOW_SERVER_TOOLS:-false}" != "true" ]]; then
+          die_config "EXTRA_ARGS sets $flag, which lets llama-server run tools inside the container: set ALLOW_SERVER_TOOLS=true to allow it"
+        fi
+        ;;
+    esac
+  done
 }
 
 # check_ports: each of PORT, PORT_HEALTH, PORT_BACKEND must be free (one bind test each,
@@ -100,7 +125,11 @@ check_ports() {
   busy="$(
     python3 - "$PORT" "$PORT_HEALTH" "$PORT_BACKEND" <<'PY'
 import socket, sys
+seen = set()
 for name, port in zip(("PORT", "PORT_HEALTH", "PORT_BACKEND"), sys.argv[1:]):
+    if port in seen:
+        continue
+    seen.add(port)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -223,36 +252,6 @@ set_state() {
   printf '%s\n' "$1" >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
 }
 
-# count_keys FILE: lines that look like keys (the gateway validates them properly).
-count_keys() {
-  local file="$1"
-  [[ -r "$file" ]] || {
-    echo 0
-    return 0
-  }
-  grep -cE '^[[:space:]]*[^#[:space:]][^:[:space:]]*:[^[:space:]]+' "$file" || true
-}
-
-check_auth() {
-  case "${AUTH_ENABLED:-true}" in
-    true | 1 | yes | on | TRUE | True) ;;
-    false | 0 | no | off | FALSE | False) return 0 ;;
-    *) die_config "AUTH_ENABLED='${AUTH_ENABLED}': expected true or false" ;;
-  esac
-  if [[ -d "$AUTH_KEYS_FILE" ]]; then
-    die_config "AUTH_KEYS_FILE=$AUTH_KEYS_FILE is a directory, not a key file"
-  fi
-  if [[ -e "$AUTH_KEYS_FILE" && ! -r "$AUTH_KEYS_FILE" ]]; then
-    die_config "AUTH_KEYS_FILE=$AUTH_KEYS_FILE is not readable"
-  fi
-  if [[ -n "${API_KEY_FILE:-}" && ! -r "$API_KEY_FILE" ]]; then
-    die_config "API_KEY_FILE=$API_KEY_FILE is not readable"
-  fi
-  if [[ -z "${API_KEY:-}" && -z "${API_KEY_FILE:-}" && "$(count_keys "$AUTH_KEYS_FILE")" == 0 ]]; then
-    die_config "auth is on but no API key exists: run 'python3 $SCRIPT_DIR/key_mgmt.py generate mykey' (writes $AUTH_KEYS_FILE), or set API_KEY, or AUTH_ENABLED=false on a private network"
-  fi
-}
-
 # ---------------------------------------------------------------- diagnostics
 
 human_size() {
@@ -261,7 +260,12 @@ human_size() {
 }
 
 boot_diagnostics() {
-  local platform="$1" bin="$2" key_count="$3"
+  local platform="$1" bin="$2" key_count="$3" health
+  if single_port; then
+    health="on the gateway's port (PORT_HEALTH=PORT): ${HEALTH_CHECK_PATH:-/ping} and /ping"
+  else
+    health="$HOST:$PORT_HEALTH"
+  fi
   local model_desc gpu version
   if [[ "$MODEL_MODE" == "router" ]]; then
     model_desc="router mode over $MODELS_DIR ($(list_models "$MODELS_DIR" | wc -l) models)"
@@ -281,8 +285,14 @@ boot_diagnostics() {
   log "model:         $model_desc"
   log "GPU:           $gpu"
   log "llama-server:  $bin ($version)"
-  log "ports:         gateway $HOST:$PORT, health $HOST:$PORT_HEALTH, backend 127.0.0.1:$PORT_BACKEND"
-  log "auth:          ${AUTH_ENABLED:-true} ($key_count key(s) in $AUTH_KEYS_FILE${API_KEY:+, plus API_KEY}${API_KEY_FILE:+, plus API_KEY_FILE})"
+  log "ports:         gateway $HOST:$PORT, health $health, backend 127.0.0.1:$PORT_BACKEND"
+  if [[ "$platform" == "vastai" ]]; then
+    # Vast.ai maps each exposed port to a random external one: say which.
+    local external_var="VAST_TCP_PORT_${PORT}" external
+    external="${!external_var:-unknown (see the instance port list)}"
+    log "vast.ai:       API at ${PUBLIC_IPADDR:-<instance ip>}:$external (-> container port $PORT)"
+  fi
+  log "auth:          $AUTH_MODE ($key_count key(s) in $AUTH_KEYS_FILE${API_KEY:+, plus API_KEY}${API_KEY_FILE:+, plus API_KEY_FILE})"
   log "llama args:    NGL=${NGL:-auto} CTX=${CTX:-auto} PARALLEL=${PARALLEL:-auto} EXTRA_ARGS=${EXTRA_ARGS:-}"
   log "-----------------------------------"
 }
@@ -307,6 +317,10 @@ stop_child() {
 }
 
 cleanup() {
+  if [[ -n "$TICKER_PID" ]]; then
+    kill "$TICKER_PID" 2>/dev/null || true
+    TICKER_PID=""
+  fi
   [[ -n "$RUN_DIR" && -d "$RUN_DIR" ]] && rm -rf "$RUN_DIR"
   RUN_DIR=""
 }
@@ -315,6 +329,7 @@ cleanup() {
 # then llama-server stops, then the health responder.
 drain() {
   trap '' TERM INT
+  cleanup_ticker
   log "shutdown requested: draining (DRAIN_TIMEOUT=${DRAIN_TIMEOUT}s)"
   set_state draining
   stop_child "$GATEWAY_PID" "$((${DRAIN_TIMEOUT%.*} + 2))"
@@ -338,6 +353,7 @@ child_died() {
     *) name="pid $pid" ;;
   esac
   ((status == 0)) && status=1
+  cleanup_ticker
   err "$name exited unexpectedly (status $status): stopping"
   set_state failed
   stop_child "$GATEWAY_PID" 3
@@ -349,27 +365,39 @@ child_died() {
   exit "$status"
 }
 
+cleanup_ticker() {
+  if [[ -n "$TICKER_PID" ]]; then
+    kill "$TICKER_PID" 2>/dev/null || true
+    TICKER_PID=""
+  fi
+}
+
 supervise() {
-  local started=$SECONDS ticker pid status state
+  local started=$SECONDS pid status state
+  local -a children=()
+  [[ -n "$HEALTH_PID" ]] && children+=("$HEALTH_PID")
+  children+=("$LLAMA_PID" "$GATEWAY_PID")
   while true; do
+    # The ticker is a child like the others; it never outlives the script (cleanup).
     sleep 10 &
-    ticker=$!
+    TICKER_PID=$!
     status=0
     pid=""
-    wait -n -p pid "$ticker" "$HEALTH_PID" "$LLAMA_PID" "$GATEWAY_PID" || status=$?
+    wait -n -p pid "$TICKER_PID" "${children[@]}" || status=$?
     if [[ -z "${pid:-}" ]]; then
       # wait was interrupted by a trapped signal; the trap has run.
-      kill "$ticker" 2>/dev/null || true
+      cleanup_ticker
       continue
     fi
-    if [[ "$pid" == "$ticker" ]]; then
+    if [[ "$pid" == "$TICKER_PID" ]]; then
+      TICKER_PID=""
       state="$(cat "$STATE_FILE" 2>/dev/null || echo starting)"
       if [[ "$state" != "ready" ]]; then
         log "model still loading ($((SECONDS - started))s): state=$state"
       fi
       continue
     fi
-    kill "$ticker" 2>/dev/null || true
+    cleanup_ticker
     child_died "$pid" "$status"
   done
 }
@@ -379,20 +407,16 @@ main() {
   export PORT_BACKEND="${PORT_BACKEND:-8080}" DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-8}"
   validate_settings
 
-  local platform bin key_file key_count
-  platform="$(detect_platform)"
-  DATA_DIR="$(resolve_data_dir)"
-  export DATA_DIR
+  local bin key_file
+  # The gateway validates its settings and the keys, and resolves the platform and
+  # DATA_DIR; fail before anything starts.
+  load_facts
   export MODELS_DIR="${MODELS_DIR:-$DATA_DIR/models}" LOG_DIR="${LOG_DIR:-$DATA_DIR/logs}"
   export AUTH_KEYS_FILE="${AUTH_KEYS_FILE:-$DATA_DIR/api_keys.txt}"
-  export PLATFORM="$platform"
   mkdir -p "$MODELS_DIR" "$LOG_DIR" 2>/dev/null || true
 
   bin="$(resolve_llama_bin)"
   resolve_model "$MODELS_DIR"
-  check_auth
-  # The gateway validates every other setting; fail before anything starts.
-  python3 "$SCRIPT_DIR/gateway.py" --check || exit 2
   check_ports
   scrub_llama_env
 
@@ -405,23 +429,31 @@ main() {
   trap cleanup EXIT
   trap 'log "SIGHUP: reloading keys"; [[ -n "$GATEWAY_PID" ]] && kill -HUP "$GATEWAY_PID"' HUP
 
-  # First, so platform probes get 204 (starting) within a second of container start.
-  GATEWAY_STATE_FILE="$STATE_FILE" python3 "$SCRIPT_DIR/health_server.py" &
-  HEALTH_PID=$!
-
-  key_count="$(count_keys "$AUTH_KEYS_FILE")"
-  boot_diagnostics "$platform" "$bin" "$key_count"
-
   generate_backend_key "$key_file"
+  # First, so platform probes get 204 (starting) within a second of container start:
+  # the health responder, or in single-port mode the gateway itself.
+  if single_port; then
+    BACKEND_API_KEY="$(<"$key_file")" GATEWAY_STATE_FILE="$STATE_FILE" \
+      python3 "$SCRIPT_DIR/gateway.py" &
+    GATEWAY_PID=$!
+  else
+    GATEWAY_STATE_FILE="$STATE_FILE" python3 "$SCRIPT_DIR/health_server.py" &
+    HEALTH_PID=$!
+  fi
+
+  boot_diagnostics "$PLATFORM" "$bin" "$KEY_COUNT"
+
   local -a args
   mapfile -t args < <(llama_args "$MODELS_DIR" "$key_file")
   log "starting llama-server (no load deadline: large models take minutes)"
   "$bin" "${args[@]}" > >(sed -u 's/^/[llama-server] /' >&2) 2>&1 &
   LLAMA_PID=$!
 
-  BACKEND_API_KEY="$(<"$key_file")" GATEWAY_STATE_FILE="$STATE_FILE" \
-    python3 "$SCRIPT_DIR/gateway.py" &
-  GATEWAY_PID=$!
+  if ! single_port; then
+    BACKEND_API_KEY="$(<"$key_file")" GATEWAY_STATE_FILE="$STATE_FILE" \
+      python3 "$SCRIPT_DIR/gateway.py" &
+    GATEWAY_PID=$!
+  fi
 
   supervise
 }

@@ -247,3 +247,79 @@ def test_sighup_reloads_keys_through_the_supervisor(
     stack.proc.signal(signal.SIGHUP)  # docker kill -s HUP
     wait_until(lambda: "keys reloaded" in stack.proc.log(), 5, "the gateway to reload its keys")
     assert stack.proc.alive() and stack.health_status() == 200
+
+
+def children_of(pid: int) -> list[str]:
+    """Live processes still in ``pid``'s session (the supervisor runs in its own).
+
+    Exited children not yet reaped (<defunct>) are not running; in the image tini reaps them.
+    """
+    found = subprocess.run(["pgrep", "-s", str(pid), "-a"], capture_output=True, text=True)
+    return [line for line in found.stdout.splitlines() if "<defunct>" not in line]
+
+
+def test_single_port_mode_answers_the_probe_contract_itself(
+    data_dir: Path, tmp_path: Path, stacks: list[Stack]
+) -> None:
+    """RunPod's defaults: PORT_HEALTH=PORT and a HEALTH_CHECK_PATH of the user's choice."""
+    wrapper = slow_llama_wrapper(tmp_path, 3.0)
+    stack = Stack(data_dir, tmp_path / "single.log", LLAMA_SERVER_BIN=str(wrapper))
+    stack.health = stack.port
+    stack.env.update(PORT_HEALTH=str(stack.port), HEALTH_CHECK_PATH="/health")
+    stack.proc.start()
+    stacks.append(stack)
+    started = time.monotonic()
+    wait_until(lambda: stack.health_status() != 0, 5, "the gateway's probe")
+    assert time.monotonic() - started < 2.0
+    assert stack.health_status() == 204
+    assert http_get(stack.port, "/health")[0] == 204  # the custom path, while loading
+    wait_until(lambda: stack.health_status() == 200, 30, "probe 200")
+    assert http_get(stack.port, "/health")[0] == 200
+    # Behind RunPod, its own key rides in Authorization; ours in X-API-Key.
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{stack.port}/v1",
+        api_key="rp-platform-key-not-ours",
+        default_headers={"X-API-Key": KEY},
+        max_retries=0,
+    )
+    models = client.models.list()
+    assert [m.id for m in models.data]
+    stack.proc.signal(signal.SIGTERM)
+    assert stack.proc.wait(20) == 0
+    assert not children_of(stack.proc.pid)
+    assert "Traceback" not in stack.proc.log()
+
+
+def test_probes_are_answered_while_strangers_hold_hundreds_of_connections(
+    data_dir: Path, tmp_path: Path, stacks: list[Stack]
+) -> None:
+    stack = start_stack(stacks, data_dir, tmp_path)
+    wait_until(lambda: stack.health_status() == 200, 30, "health 200")
+    idle = [socket.create_connection(("127.0.0.1", stack.health)) for _ in range(300)]
+    try:
+        for sock in idle[:150]:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # half-sent
+        for _ in range(5):
+            started = time.monotonic()
+            assert stack.health_status() == 200
+            assert time.monotonic() - started < 1.0
+        # Idle connections are dropped after a short timeout.
+        idle[0].settimeout(10)
+        assert idle[0].recv(100) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_nothing_outlives_the_supervisor_on_any_way_out(
+    data_dir: Path, tmp_path: Path, stacks: list[Stack]
+) -> None:
+    stack = start_stack(stacks, data_dir, tmp_path)
+    wait_until(lambda: stack.health_status() == 200, 30, "health 200")
+    stack.proc.signal(signal.SIGTERM)
+    assert stack.proc.wait(20) == 0
+    assert not children_of(stack.proc.pid)
+    bad = Stack(data_dir, tmp_path / "bad.log", EXTRA_ARGS="--host 0.0.0.0")
+    bad.proc.start()
+    assert bad.proc.wait(30) == 2 and "EXTRA_ARGS may not set --host" in bad.proc.log()
+    assert not children_of(bad.proc.pid)

@@ -20,18 +20,32 @@ class ConfigError(Exception):
     """A setting that cannot be used; the message names the variable."""
 
 
-def detect_data_dir(env: Mapping[str, str], root: Path = Path("/")) -> Path:
-    """DATA_DIR if set; else the platform's volume (RunPod serverless, pods/Vast.ai); else /data.
+def detect_platform(env: Mapping[str, str]) -> str:
+    """The platform, from the variables each one documents (never guessed from paths)."""
+    if env.get("RUNPOD_ENDPOINT_ID"):
+        return "runpod-serverless"  # with or without a network volume
+    if env.get("RUNPOD_POD_ID"):
+        return "runpod-pod"
+    if env.get("VAST_CONTAINERLABEL") or (
+        env.get("CONTAINER_ID") and any(name.startswith("VAST_") for name in env)
+    ):
+        return "vastai"
+    return "local"
 
-    ``root`` lets tests build the platform directories under a temporary folder.
+
+def detect_data_dir(env: Mapping[str, str], root: Path = Path("/")) -> Path:
+    """DATA_DIR if set; else /runpod-volume, else /workspace if present; else /data.
+
+    RunPod mounts network volumes at /runpod-volume (serverless) or /workspace (pods);
+    Vast.ai mounts volumes at /data. ``root`` lets tests build these under a temporary
+    folder.
     """
     explicit = env.get("DATA_DIR", "")
     if explicit:
         return Path(explicit)
-    if env.get("RUNPOD_POD_ID") and (root / "runpod-volume").is_dir():
-        return root / "runpod-volume"
-    if (root / "workspace").is_dir():
-        return root / "workspace"
+    for name in ("runpod-volume", "workspace"):
+        if (root / name).is_dir():
+            return root / name
     return root / "data"
 
 
@@ -93,10 +107,19 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _path(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    if not raw.startswith("/") or any(c in raw for c in "?# \t"):
+        raise ConfigError(f"{name}={raw!r}: expected a URL path such as /ping")
+    return raw
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = "0.0.0.0"
     port: int = 8000
+    port_health: int = 8001
+    health_check_path: str = "/ping"
     backend_host: str = "127.0.0.1"
     port_backend: int = 8080
     backend_api_key: str = ""
@@ -136,6 +159,12 @@ class Config:
     log_dir: Path = Path("/data/logs")
     worker_id: str = ""
     platform: str = "local"
+    data_dir: Path = Path("/data")
+
+    @property
+    def single_port(self) -> bool:
+        """PORT_HEALTH equal to PORT (RunPod's default): the gateway answers the probes."""
+        return self.port_health == self.port
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -146,6 +175,8 @@ class Config:
         return cls(
             host=env.get("HOST", "").strip() or "0.0.0.0",
             port=_port(env, "PORT", 8000),
+            port_health=_port(env, "PORT_HEALTH", 8001),
+            health_check_path=_path(env, "HEALTH_CHECK_PATH", "/ping"),
             port_backend=_port(env, "PORT_BACKEND", 8080),
             backend_api_key=env.get("BACKEND_API_KEY", ""),
             auth_enabled=_bool(env, "AUTH_ENABLED", True),
@@ -178,8 +209,9 @@ class Config:
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             event_loop=_choice(env, "EVENT_LOOP", "asyncio", ("asyncio", "uvloop")),
             state_file=Path(state_file) if state_file else None,
+            data_dir=data_dir,
             log_dir=Path(env.get("LOG_DIR", "").strip() or data_dir / "logs"),
-            platform=env.get("PLATFORM", "").strip() or "local",
+            platform=env.get("PLATFORM", "").strip() or detect_platform(env),
             worker_id=(
                 env.get("RUNPOD_POD_ID", "").strip()
                 or env.get("VAST_CONTAINERLABEL", "").strip()

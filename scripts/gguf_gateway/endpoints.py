@@ -17,7 +17,7 @@ from .config import VERSION, Config
 from .http11 import RequestHead
 from .limits import Admission
 from .metrics import Metrics
-from .readiness import FAILED, READY, Readiness
+from .readiness import FAILED, PROBE_STATUS, READY, Readiness
 from .responses import Responder
 from .routes import Route
 
@@ -38,6 +38,13 @@ class LocalEndpoints:
         self.admission = admission
         self._backend_metrics_at = -BACKEND_METRICS_TTL
         self._backend_metrics_text = ""
+
+    def probe(self, out: Responder, head: RequestHead) -> bool:
+        """The platform probe contract, in single-port mode: 204 starting, 200, 503."""
+        state = self.readiness.status
+        status = PROBE_STATUS.get(state, 503)
+        body = b"" if status == 204 else json.dumps({"status": state}).encode()
+        return out.send(status, body, keep_alive=head.keep_alive, head_only=head.method == "HEAD")
 
     async def answer(self, out: Responder, head: RequestHead, route: Route) -> bool:
         head_only = head.method == "HEAD"

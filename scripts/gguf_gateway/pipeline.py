@@ -65,6 +65,10 @@ class Pipeline:
         self.endpoints = endpoints
         self.relay = relay
         self.admission = admission
+        # Single-port mode: the probe contract on /ping and on RunPod's HEALTH_CHECK_PATH.
+        self._probe_paths = (
+            frozenset({"/ping", config.health_check_path}) if config.single_port else frozenset()
+        )
         self._backend_host = f"{config.backend_host}:{config.port_backend}"
         self._backend_auth = f"Bearer {config.backend_api_key}" if config.backend_api_key else ""
 
@@ -72,7 +76,8 @@ class Pipeline:
         sent_id = head.get("x-request-id")
         request_id = sent_id if sent_id and _REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
         route = ROUTES.get(head.path)
-        return Exchange(request_id, head.method, route.path if route else "other", time.monotonic())
+        path = route.path if route else "/ping" if head.path in self._probe_paths else "other"
+        return Exchange(request_id, head.method, path, time.monotonic())
 
     async def handle(self, conn: ClientConnection, head: RequestHead, out: Responder) -> Outcome:
         body_read = not head.has_body
@@ -100,6 +105,10 @@ class Pipeline:
             return Outcome(False)
 
     async def _serve(self, conn: ClientConnection, head: RequestHead, out: Responder) -> Outcome:
+        if head.path in self._probe_paths and head.method in ("GET", "HEAD"):
+            if head.has_body:
+                raise bad_request(f"{head.path} takes no request body", "body")
+            return Outcome(self.endpoints.probe(out, head))
         route = ROUTES.get(head.path)
         if route is None:
             raise Refusal(404, f"no such endpoint: {head.path[:200]}", "not_found")

@@ -21,6 +21,9 @@ log = logging.getLogger("gateway")
 
 # Published states, shared with health_server.py and start.sh.
 STARTING, LOADING, READY, DRAINING, FAILED = "starting", "loading", "ready", "draining", "failed"
+# The platform probe contract (RunPod's load balancer): 204 initializing, 200 healthy,
+# anything else unhealthy. The one definition for the health responder and the gateway.
+PROBE_STATUS = {STARTING: 204, LOADING: 204, READY: 200, DRAINING: 503, FAILED: 503}
 
 
 def publish_state(path: Path | None, state: str) -> None:

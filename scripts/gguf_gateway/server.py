@@ -114,7 +114,15 @@ class Gateway:
         return False
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = ClientConnection(reader, writer, self.limits)
+        try:
+            await self._serve_connection(ClientConnection(reader, writer, self.limits))
+        except asyncio.CancelledError:
+            # The loop is shutting down with this connection still open (after drain):
+            # a normal end for a connection handler, not an error to report.
+            writer.transport.abort()
+
+    async def _serve_connection(self, conn: ClientConnection) -> None:
+        writer = conn.writer
         if len(self._connections) >= self.config.max_connections and not self._make_room():
             # Over the cap with nothing idle to drop: a clear answer and a close.
             refusal = unavailable("too many connections", "connections", retry_after=1)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from gguf_gateway.config import detect_data_dir, detect_platform
 from support.procs import ROOT
 
 START = ROOT / "scripts" / "start.sh"
@@ -30,15 +31,9 @@ def sourced(snippet: str, env: dict[str, str] | None = None) -> subprocess.Compl
 @pytest.mark.parametrize(
     "dirs, env, expected",
     [
-        pytest.param([], {}, "/data", id="nothing-means-data"),
-        pytest.param(["workspace"], {}, "/workspace", id="pod-or-vast-workspace"),
-        pytest.param(
-            ["runpod-volume", "workspace"],
-            {"RUNPOD_POD_ID": "abc"},
-            "/runpod-volume",
-            id="runpod-serverless",
-        ),
-        pytest.param(["runpod-volume"], {}, "/data", id="volume-without-runpod-id"),
+        pytest.param([], {}, "/data", id="nothing-means-data-as-on-vast"),
+        pytest.param(["workspace"], {}, "/workspace", id="runpod-pod-workspace"),
+        pytest.param(["runpod-volume", "workspace"], {}, "/runpod-volume", id="serverless-volume"),
         pytest.param(["workspace"], {"DATA_DIR": "/explicit"}, "/explicit", id="explicit-wins"),
     ],
 )
@@ -47,31 +42,74 @@ def test_data_dir_detection(
 ) -> None:
     for name in dirs:
         (tmp_path / name).mkdir()
-    result = sourced("resolve_data_dir", {"ROOT_PREFIX": str(tmp_path), **env})
-    assert result.returncode == 0, result.stderr
     prefix = "" if expected == "/explicit" else str(tmp_path)
-    assert result.stdout.strip() == prefix + expected
+    assert str(detect_data_dir(env, root=tmp_path)) == prefix + expected
 
 
-def test_platform_detection(tmp_path: Path) -> None:
-    (tmp_path / "runpod-volume").mkdir()
-    cases = [
-        ({"RUNPOD_POD_ID": "x"}, "runpod-serverless"),
-        ({"VAST_CONTAINERLABEL": "C.1"}, "vastai"),
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"RUNPOD_ENDPOINT_ID": "e1", "RUNPOD_POD_ID": "w1"}, "runpod-serverless"),
+        ({"RUNPOD_ENDPOINT_ID": "e1"}, "runpod-serverless"),  # no volume, no pod id
+        ({"RUNPOD_POD_ID": "p1", "RUNPOD_GPU_COUNT": "1"}, "runpod-pod"),
+        ({"VAST_CONTAINERLABEL": "C.38250"}, "vastai"),
+        ({"CONTAINER_ID": "38250", "VAST_TCP_PORT_8000": "41234"}, "vastai"),
+        ({"CONTAINER_ID": "abc"}, "local"),  # Docker alone sets no VAST_*
         ({}, "local"),
-    ]
-    for env, expected in cases:
-        assert (
-            sourced("detect_platform", {"ROOT_PREFIX": str(tmp_path), **env}).stdout.strip()
-            == expected
-        )
-    shutil.rmtree(tmp_path / "runpod-volume")
-    assert (
-        sourced(
-            "detect_platform", {"ROOT_PREFIX": str(tmp_path), "RUNPOD_POD_ID": "x"}
-        ).stdout.strip()
-        == "runpod-pod"
+    ],
+)
+def test_platform_detection_uses_the_documented_variables(
+    env: dict[str, str], expected: str
+) -> None:
+    assert detect_platform(env) == expected
+
+
+def test_check_reports_the_facts_the_boot_block_needs(tmp_path: Path) -> None:
+    (tmp_path / "api_keys.txt").write_text("a:sk-one\nb:sk-two\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gateway.py"), "--check"],
+        env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path), "RUNPOD_ENDPOINT_ID": "e"},
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
+    assert result.returncode == 0, result.stderr
+    facts = dict(line.split("=", 1) for line in result.stdout.split())
+    assert facts == {
+        "platform": "runpod-serverless",
+        "data_dir": str(tmp_path),
+        "auth": "on",
+        "keys": "2",
+    }
+
+
+@pytest.mark.parametrize(
+    "extra, allowed",
+    [
+        ("--host 0.0.0.0", False),
+        ("--port=9000", False),
+        ("--api-key-file /tmp/k", False),
+        ("-hf owner/repo", False),
+        ("--models-dir /x", False),
+        ("--tools all", False),
+        ("--mcp-servers-json {}", False),
+        ("-ag", False),
+        ("--flash-attn on --jinja -ub 512", True),
+    ],
+)
+def test_extra_args_cannot_take_what_the_supervisor_owns(extra: str, allowed: bool) -> None:
+    result = sourced("check_extra_args", {"EXTRA_ARGS": extra})
+    assert (result.returncode == 0) == allowed, result.stderr
+    if not allowed:
+        flag = extra.split()[0].split("=")[0]
+        assert result.returncode == 2 and flag in result.stderr
+
+
+def test_server_tools_need_an_explicit_opt_in() -> None:
+    result = sourced(
+        "check_extra_args", {"EXTRA_ARGS": "--tools all", "ALLOW_SERVER_TOOLS": "true"}
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def touch(path: Path) -> Path:
