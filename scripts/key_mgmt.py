@@ -119,9 +119,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         try:
             parse_key_line(line.strip())
             state = "ok"
+            fields = " ".join(words[1:]) or "-"
         except ValueError as exc:
+            # Whatever follows the id on a broken line may be a mistyped secret: not shown.
             state = f"invalid ({exc})"
-        rows.append((key_id, stored, " ".join(words[1:]) or "-", state, number))
+            fields = "?"
+        rows.append((key_id, stored, fields, state, number))
     if not rows:
         print(f"no keys in {args.file}")
         return 0
@@ -131,22 +134,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def locate(args: argparse.Namespace) -> tuple[list[str], int] | None:
-    """The file's lines and the index of args.key_id, or None (after saying so)."""
+def locate(args: argparse.Namespace) -> tuple[list[str], list[int]] | None:
+    """The file's lines and the index of every line with args.key_id, or None (said)."""
     lines = read_lines(args.file)
-    index = find(lines, args.key_id)
-    if index is None:
+    indexes = [i for i, line in enumerate(lines) if line_key_id(line) == args.key_id]
+    if not indexes:
         print(f"key_mgmt: no key '{args.key_id}' in {args.file}", file=sys.stderr)
         return None
-    return lines, index
+    return lines, indexes
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     found = locate(args)
     if found is None:
         return 1
-    lines, index = found
-    del lines[index]
+    lines, indexes = found
+    # Every line with the id: a duplicate left behind would keep a secret working.
+    for index in reversed(indexes):
+        del lines[index]
     write_lines(args.file, lines)
     print(f"key '{args.key_id}' revoked", file=sys.stderr)
     return 0
@@ -156,11 +161,14 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     found = locate(args)
     if found is None:
         return 1
-    lines, index = found
-    words = lines[index].split()
+    lines, indexes = found
+    first = indexes[0]
+    words = lines[first].split()
     hashed = args.hashed or words[0].split(":", 1)[1].startswith("sha256:")
     secret = new_secret()
-    lines[index] = build_line(args.key_id, secret, words[1:], hashed)
+    lines[first] = build_line(args.key_id, secret, words[1:], hashed)
+    for index in reversed(indexes[1:]):
+        del lines[index]  # duplicates: their old secrets must stop working too
     write_lines(args.file, lines)
     print(secret)
     print(f"key '{args.key_id}' rotated: the old secret stops working now", file=sys.stderr)

@@ -56,7 +56,7 @@ def test_hang_before_first_byte_is_504(fake: FakeBackend, make_gateway: GatewayF
     assert status == 504
     assert time.monotonic() - started < 8
     assert_still_serving(gw.port)
-    assert '"POST /v1/chat/completions" 504' in gw.proc.log()
+    wait_until(lambda: '"POST /v1/chat/completions" 504' in gw.proc.log(), 5, "the access line")
 
 
 @pytest.mark.parametrize("fake", ["reset_mid_stream"], indirect=True)
@@ -96,7 +96,7 @@ def test_garbage_or_drop_before_response_is_502(
         assert status == 502, payload
         assert json.loads(payload)["error"]["type"] == "server_error"
     assert_still_serving(gw.port)
-    assert '"POST /v1/chat/completions" 502' in gw.proc.log()
+    wait_until(lambda: '"POST /v1/chat/completions" 502' in gw.proc.log(), 5, "the access line")
     _, metrics = http_get(gw.port, "/metrics?format=json")
     assert sum(json.loads(metrics)["backend_errors_total"].values()) >= 2
 

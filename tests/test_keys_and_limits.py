@@ -114,6 +114,20 @@ def test_key_mgmt_generate_list_rotate_revoke(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "scopes" in bad.stderr
 
 
+def test_key_mgmt_revokes_and_rotates_every_line_of_a_duplicated_id(tmp_path: Path) -> None:
+    path = tmp_path / "api_keys.txt"
+    path.write_text("dup:sk-first-secret\ndup:sk-second-secret rpm=5\nbroken sk-mistyped-secret\n")
+    listing = key_mgmt(path, "list").stdout
+    assert "sk-mistyped-secret" not in listing and "sk-first" not in listing
+    rotated = key_mgmt(path, "rotate", "dup")
+    assert rotated.returncode == 0, rotated.stderr
+    text = path.read_text()
+    assert "sk-first-secret" not in text and "sk-second-secret" not in text
+    assert text.count("dup:") == 1
+    assert key_mgmt(path, "revoke", "dup").returncode == 0
+    assert "dup:" not in path.read_text()
+
+
 # ------------------------------------------------------------------ limits, for real
 
 
@@ -322,6 +336,8 @@ def test_no_secret_ever_reaches_the_logs(gateway: GatewayHandle) -> None:
 
     chat(gateway.port, "sk-not-a-real-key", tokens=1)
     chat(gateway.port, ALICE, tokens=1)
+    # The access line is written once the response is out, a moment after the client has it.
+    wait_until(lambda: " alice " in gateway.proc.log(), 5, "the access line")
     log = gateway.proc.log()
     for secret in (ALICE, OPS, HASHED, EXPIRED, BACKEND_KEY, "sk-not-a-real-key"):
         assert secret not in log

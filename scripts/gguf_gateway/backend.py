@@ -108,7 +108,10 @@ class BackendPool:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(self.host, self.port)
         except TimeoutError:
-            raise
+            # Not the client's timeout: a backend that does not accept is unreachable.
+            raise BackendUnavailable(
+                f"llama-server did not accept a connection within {self.connect_timeout}s"
+            ) from None
         except OSError as exc:
             raise BackendUnavailable(
                 f"cannot connect to llama-server: {exc.strerror or exc}"
