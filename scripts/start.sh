@@ -404,7 +404,7 @@ supervise() {
 
 main() {
   export HOST="${HOST:-0.0.0.0}" PORT="${PORT:-8000}" PORT_HEALTH="${PORT_HEALTH:-8001}"
-  export PORT_BACKEND="${PORT_BACKEND:-8080}" DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-8}"
+  export PORT_BACKEND="${PORT_BACKEND:-8090}" DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-8}"
   validate_settings
 
   local bin key_file

@@ -64,7 +64,7 @@ def test_dockerfile_contract() -> None:
     names = [name for name, _ in instructions()]
     assert "DATA_DIR" not in env, "a baked DATA_DIR defeats platform detection"
     assert env["LLAMA_ARG_HOST"] == "", "the base image's LLAMA_ARG_HOST=0.0.0.0 must not leak"
-    assert (env["PORT"], env["PORT_HEALTH"], env["PORT_BACKEND"]) == ("8000", "8001", "8080")
+    assert (env["PORT"], env["PORT_HEALTH"], env["PORT_BACKEND"]) == ("8000", "8001", "8090")
     assert exec_form("ENTRYPOINT")[:2] == ["/usr/bin/tini", "--"]
     assert exec_form("ENTRYPOINT")[2] == f"{IMAGE_SCRIPTS}/start.sh"
     assert "EXPOSE" in names and "8000" in dict(instructions())["EXPOSE"]

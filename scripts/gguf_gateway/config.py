@@ -121,7 +121,7 @@ class Config:
     port_health: int = 8001
     health_check_path: str = "/ping"
     backend_host: str = "127.0.0.1"
-    port_backend: int = 8080
+    port_backend: int = 8090
     backend_api_key: str = ""
 
     auth_enabled: bool = True
@@ -177,7 +177,7 @@ class Config:
             port=_port(env, "PORT", 8000),
             port_health=_port(env, "PORT_HEALTH", 8001),
             health_check_path=_path(env, "HEALTH_CHECK_PATH", "/ping"),
-            port_backend=_port(env, "PORT_BACKEND", 8080),
+            port_backend=_port(env, "PORT_BACKEND", 8090),
             backend_api_key=env.get("BACKEND_API_KEY", ""),
             auth_enabled=_bool(env, "AUTH_ENABLED", True),
             auth_keys_file=Path(env.get("AUTH_KEYS_FILE", "").strip() or data_dir / "api_keys.txt"),
