@@ -93,6 +93,7 @@ def main(argv: list[str]) -> int:
         print(f"data_dir={config.data_dir}")
         print(f"auth={'on' if config.auth_enabled else 'off'}")
         print(f"keys={len(keys.ring)}")
+        print(f"port_health={config.port_health}")
         return 0
     raise_fd_limit(config.max_connections)
     if config.event_loop == "uvloop":

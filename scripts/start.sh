@@ -12,8 +12,6 @@ set -Eeuo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
-# Tests point this at a temporary tree to fake /runpod-volume, /workspace and /data.
-ROOT_PREFIX="${ROOT_PREFIX:-}"
 
 # Child PIDs and run-time state, set by main.
 PLATFORM=""
@@ -36,7 +34,7 @@ die_config() {
 
 # ---------------------------------------------------------------- platform and storage
 
-# load_facts: the platform, DATA_DIR, auth mode and key count, as the gateway resolves
+# load_facts: the platform, DATA_DIR, PORT_HEALTH, auth mode and key count, as the gateway resolves
 # them (gateway.py --check): one definition of each rule, in Python. Exits 2 with the
 # gateway's message when a gateway setting or the key configuration cannot work.
 load_facts() {
@@ -48,10 +46,11 @@ load_facts() {
       data_dir) DATA_DIR="$value" ;;
       auth) AUTH_MODE="$value" ;;
       keys) KEY_COUNT="$value" ;;
+      port_health) PORT_HEALTH="$value" ;;
     esac
   done <<<"$facts"
   [[ -n "$PLATFORM" && -n "$DATA_DIR" ]] || die_config "gateway.py --check gave no platform facts"
-  export PLATFORM DATA_DIR
+  export DATA_DIR PORT_HEALTH
 }
 
 # ---------------------------------------------------------------- validation
@@ -85,12 +84,16 @@ validate_settings() {
     ready | static) ;;
     *) die_config "HEALTH_MODE='${HEALTH_MODE}': expected ready or static" ;;
   esac
-  # PORT_HEALTH may equal PORT (RunPod's load balancer defaults it so): the gateway then
-  # answers the probes itself. The backend's port is loopback-only and must differ.
+  check_extra_args
+}
+
+# check_port_roles: PORT_HEALTH may equal PORT (RunPod's load balancer defaults it so):
+# the gateway then answers the probes itself. The backend's port is loopback-only and
+# must differ from both.
+check_port_roles() {
   if [[ "$PORT_BACKEND" == "$PORT" || "$PORT_BACKEND" == "$PORT_HEALTH" ]]; then
     die_config "PORT_BACKEND=$PORT_BACKEND must differ from PORT=$PORT and PORT_HEALTH=$PORT_HEALTH"
   fi
-  check_extra_args
 }
 
 single_port() { [[ "$PORT" == "$PORT_HEALTH" ]]; }
@@ -317,10 +320,7 @@ stop_child() {
 }
 
 cleanup() {
-  if [[ -n "$TICKER_PID" ]]; then
-    kill "$TICKER_PID" 2>/dev/null || true
-    TICKER_PID=""
-  fi
+  cleanup_ticker
   [[ -n "$RUN_DIR" && -d "$RUN_DIR" ]] && rm -rf "$RUN_DIR"
   RUN_DIR=""
 }
@@ -329,7 +329,6 @@ cleanup() {
 # then llama-server stops, then the health responder.
 drain() {
   trap '' TERM INT
-  cleanup_ticker
   log "shutdown requested: draining (DRAIN_TIMEOUT=${DRAIN_TIMEOUT}s)"
   set_state draining
   stop_child "$GATEWAY_PID" "$((${DRAIN_TIMEOUT%.*} + 2))"
@@ -353,7 +352,6 @@ child_died() {
     *) name="pid $pid" ;;
   esac
   ((status == 0)) && status=1
-  cleanup_ticker
   err "$name exited unexpectedly (status $status): stopping"
   set_state failed
   stop_child "$GATEWAY_PID" 3
@@ -397,20 +395,20 @@ supervise() {
       fi
       continue
     fi
-    cleanup_ticker
     child_died "$pid" "$status"
   done
 }
 
 main() {
-  export HOST="${HOST:-0.0.0.0}" PORT="${PORT:-8000}" PORT_HEALTH="${PORT_HEALTH:-8001}"
+  export HOST="${HOST:-0.0.0.0}" PORT="${PORT:-8000}"
   export PORT_BACKEND="${PORT_BACKEND:-8090}" DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-8}"
   validate_settings
 
   local bin key_file
-  # The gateway validates its settings and the keys, and resolves the platform and
-  # DATA_DIR; fail before anything starts.
+  # The gateway validates its settings and the keys, and resolves the platform, DATA_DIR
+  # and PORT_HEALTH's default; fail before anything starts.
   load_facts
+  check_port_roles
   export MODELS_DIR="${MODELS_DIR:-$DATA_DIR/models}" LOG_DIR="${LOG_DIR:-$DATA_DIR/logs}"
   export AUTH_KEYS_FILE="${AUTH_KEYS_FILE:-$DATA_DIR/api_keys.txt}"
   mkdir -p "$MODELS_DIR" "$LOG_DIR" 2>/dev/null || true

@@ -259,17 +259,22 @@ def test_reload_keeps_running_stream_and_applies_to_new_requests(
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
 
 
-def test_fair_queue_serves_a_quiet_key_before_a_flooders_backlog(
-    make_gateway: GatewayFactory, tmp_path: Path
-) -> None:
-    gw = limited_gateway(
+def one_slot_gateway(make_gateway: GatewayFactory, tmp_path: Path, **env: str) -> GatewayHandle:
+    """A flooding and a quiet key in front of one slot."""
+    return limited_gateway(
         make_gateway,
         tmp_path,
         "flood:sk-flooder-0000\nquiet:sk-quiet-00000\n",
         MAX_CONCURRENT_REQUESTS="1",
-        MAX_QUEUE_PER_KEY="3",
         QUEUE_TIMEOUT="300",  # a slow machine must not turn queueing into 503s
+        **env,
     )
+
+
+def test_fair_queue_serves_a_quiet_key_before_a_flooders_backlog(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = one_slot_gateway(make_gateway, tmp_path, MAX_QUEUE_PER_KEY="3")
     finished: list[str] = []
 
     def run(key: str, name: str) -> None:
@@ -288,14 +293,7 @@ def test_fair_queue_serves_a_quiet_key_before_a_flooders_backlog(
 def test_a_flooding_key_cannot_take_every_queue_place(
     make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    gw = limited_gateway(
-        make_gateway,
-        tmp_path,
-        "flood:sk-flooder-0000\nquiet:sk-quiet-00000\n",
-        MAX_CONCURRENT_REQUESTS="1",
-        MAX_QUEUE_SIZE="4",
-        QUEUE_TIMEOUT="300",
-    )
+    gw = one_slot_gateway(make_gateway, tmp_path, MAX_QUEUE_SIZE="4")
     with ThreadPoolExecutor(8) as pool:
         floods = [pool.submit(chat, gw.port, "sk-flooder-0000", tokens=1500) for _ in range(6)]
         # One running, two queued (half of MAX_QUEUE_SIZE), the rest refused at once.

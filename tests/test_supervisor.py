@@ -265,7 +265,9 @@ def test_single_port_mode_answers_the_probe_contract_itself(
     wrapper = slow_llama_wrapper(tmp_path, 3.0)
     stack = Stack(data_dir, tmp_path / "single.log", LLAMA_SERVER_BIN=str(wrapper))
     stack.health = stack.port
-    stack.env.update(PORT_HEALTH=str(stack.port), HEALTH_CHECK_PATH="/health")
+    # A serverless worker with no PORT_HEALTH set: RunPod probes PORT.
+    del stack.env["PORT_HEALTH"]
+    stack.env.update(RUNPOD_ENDPOINT_ID="ep-test", HEALTH_CHECK_PATH="/health")
     stack.proc.start()
     stacks.append(stack)
     started = time.monotonic()
@@ -287,7 +289,8 @@ def test_single_port_mode_answers_the_probe_contract_itself(
     stack.proc.signal(signal.SIGTERM)
     assert stack.proc.wait(20) == 0
     assert not children_of(stack.proc.pid)
-    assert "Traceback" not in stack.proc.log()
+    log = stack.proc.log()
+    assert "platform:      runpod-serverless" in log and "Traceback" not in log
 
 
 def test_probes_are_answered_while_strangers_hold_hundreds_of_connections(

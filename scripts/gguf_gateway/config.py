@@ -33,6 +33,13 @@ def detect_platform(env: Mapping[str, str]) -> str:
     return "local"
 
 
+def default_health_port(env: Mapping[str, str]) -> int:
+    """PORT_HEALTH when unset: on RunPod serverless the balancer then probes PORT itself."""
+    if detect_platform(env) == "runpod-serverless":
+        return _port(env, "PORT", 8000)
+    return 8001
+
+
 def detect_data_dir(env: Mapping[str, str], root: Path = Path("/")) -> Path:
     """DATA_DIR if set; else /runpod-volume, else /workspace if present; else /data.
 
@@ -175,7 +182,7 @@ class Config:
         return cls(
             host=env.get("HOST", "").strip() or "0.0.0.0",
             port=_port(env, "PORT", 8000),
-            port_health=_port(env, "PORT_HEALTH", 8001),
+            port_health=_port(env, "PORT_HEALTH", default_health_port(env)),
             health_check_path=_path(env, "HEALTH_CHECK_PATH", "/ping"),
             port_backend=_port(env, "PORT_BACKEND", 8090),
             backend_api_key=env.get("BACKEND_API_KEY", ""),
@@ -211,7 +218,7 @@ class Config:
             state_file=Path(state_file) if state_file else None,
             data_dir=data_dir,
             log_dir=Path(env.get("LOG_DIR", "").strip() or data_dir / "logs"),
-            platform=env.get("PLATFORM", "").strip() or detect_platform(env),
+            platform=detect_platform(env),
             worker_id=(
                 env.get("RUNPOD_POD_ID", "").strip()
                 or env.get("VAST_CONTAINERLABEL", "").strip()

@@ -83,10 +83,12 @@ class StreamPipe(asyncio.Protocol):
         self.touch()
         # Usage is read from whole chunks only: a read that starts inside a chunk goes
         # through untallied (and the request keeps its reservation: never under-counted).
-        whole = self.tally is not None and self.scanner.at_boundary
+        hold = self._held or (
+            self.tally is not None and USAGE_MARK in data and self.scanner.at_boundary
+        )
         try:
             done = self.scanner.feed(data)
-            if self._held or (whole and USAGE_MARK in data):
+            if hold:
                 # The rare read that ends a task: parse it (once whole), pass the rest.
                 self._held += data
                 if not (done or self.scanner.at_boundary):

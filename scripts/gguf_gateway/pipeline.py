@@ -80,13 +80,12 @@ class Pipeline:
         return Exchange(request_id, head.method, path, time.monotonic())
 
     async def handle(self, conn: ClientConnection, head: RequestHead, out: Responder) -> Outcome:
-        body_read = not head.has_body
         try:
             return await self._serve(conn, head, out)
         except Refusal as refusal:
             # The body was read unless the refusal came first; an unread one stays on
             # the wire, so the connection closes after a lingering read.
-            body_read = out.ex.body_read or body_read
+            body_read = out.ex.body_read or not head.has_body
             keep = out.refuse(refusal, head.keep_alive and body_read)
             return Outcome(keep, linger=not body_read or refusal.close)
         except HttpError as exc:
@@ -106,8 +105,7 @@ class Pipeline:
 
     async def _serve(self, conn: ClientConnection, head: RequestHead, out: Responder) -> Outcome:
         if head.path in self._probe_paths and head.method in ("GET", "HEAD"):
-            if head.has_body:
-                raise bad_request(f"{head.path} takes no request body", "body")
+            _no_body(head)
             return Outcome(self.endpoints.probe(out, head))
         route = ROUTES.get(head.path)
         if route is None:
@@ -129,19 +127,15 @@ class Pipeline:
         if route.path == "/metrics" and self.config.metrics_auth_enabled:
             route = ADMIN_METRICS
         if route.scope is None:
-            # Unauthenticated: a stranger's body is never read or buffered.
-            if head.has_body:
-                raise bad_request(f"{route.path} takes no request body", "body")
-            keep = await self.endpoints.answer(out, head, route)
-            return Outcome(keep)
+            _no_body(head)  # a stranger's body is never read or buffered
+            return Outcome(await self.endpoints.answer(out, head, route))
         key = self.access.authenticate(head, route, out) if self.config.auth_enabled else None
         if key is None:
             out.ex.key_id = "anonymous"
         if self.readiness.draining:
             raise unavailable("the server is shutting down", "draining", retry_after=1)
         if route.kind is Kind.LOCAL:
-            if head.has_body:
-                raise bad_request(f"{route.path} takes no request body", "body")
+            _no_body(head)
             return Outcome(await self.endpoints.answer(out, head, route))
         if not self.readiness.ever_ready or self.readiness.backend == LOADING:
             raise unavailable("the model is still loading; retry shortly", "loading", 5)
@@ -290,6 +284,12 @@ class Pipeline:
             headers.append(("Content-Type", head.get("content-type") or "application/json"))
         headers.append(("X-Request-ID", request_id))
         return request_bytes(head.method, target, headers, body)
+
+
+def _no_body(head: RequestHead) -> None:
+    """Paths the gateway answers itself take no body: refused at once, never read."""
+    if head.has_body:
+        raise bad_request(f"{head.path[:200]} takes no request body", "body")
 
 
 class AdmissionSource:

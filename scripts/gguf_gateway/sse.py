@@ -34,14 +34,12 @@ class SseEvents:
                 return payloads
             event = bytes(self._buf[:end])
             del self._buf[: end + 2]
-            lines = [
-                line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
-            ]
-            if lines:
-                payloads.append(b"\n".join(lines))
+            if b"data:" in event:
+                payloads.append(data_of(event))
 
 
-def _data_of(event: bytes) -> bytes:
+def data_of(event: bytes) -> bytes:
+    """The ``data`` of one SSE event (its data lines joined, as the SSE spec says)."""
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines)
 
@@ -124,7 +122,7 @@ class UsageTally:
         for event in events:
             if USAGE_MARK in event:
                 try:
-                    usage = usage_of(json.loads(_data_of(event)))
+                    usage = usage_of(json.loads(data_of(event)))
                 except ValueError:
                     usage = None
                 if usage is not None:

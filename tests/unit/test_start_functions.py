@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_gateway.config import detect_data_dir, detect_platform
+from gguf_gateway.config import Config, detect_data_dir, detect_platform
 from support.procs import ROOT
 
 START = ROOT / "scripts" / "start.sh"
@@ -80,7 +80,22 @@ def test_check_reports_the_facts_the_boot_block_needs(tmp_path: Path) -> None:
         "data_dir": str(tmp_path),
         "auth": "on",
         "keys": "2",
+        # RunPod serverless without PORT_HEALTH: its balancer probes PORT itself.
+        "port_health": "8000",
     }
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"RUNPOD_ENDPOINT_ID": "e", "PORT": "80"}, 80),
+        ({"RUNPOD_ENDPOINT_ID": "e", "PORT": "80", "PORT_HEALTH": "8001"}, 8001),
+        ({"RUNPOD_POD_ID": "p", "PORT": "80"}, 8001),
+        ({}, 8001),
+    ],
+)
+def test_unset_port_health_follows_the_platform(env: dict[str, str], expected: int) -> None:
+    assert Config.from_env(env).port_health == expected
 
 
 @pytest.mark.parametrize(
