@@ -53,7 +53,10 @@ check: $(DEV_STAMP) ## formatting, types, shell and Dockerfile lint, workflow YA
 fmt: setup ## format the code with black
 	$(VENV)/bin/black scripts tests
 
-bench: setup ## gateway vs llama-server direct; prints one JSON object
+bench: setup ## gateway vs llama-server direct and nginx; prints one JSON object
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -qq nginx-light >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }; fi
 	$(PY) tests/bench.py
 
 soak: setup ## the mixed-load soak for SOAK_SECONDS (default 300) instead of seconds

@@ -1,9 +1,12 @@
-"""Benchmark: the gateway against llama-server direct, same model, same load, one run.
+"""Benchmark: the gateway against llama-server direct and nginx, same model, same load, one run.
 
 Prints one JSON object: streaming events/s at several concurrencies with the
 gateway/direct ratio, the latency the gateway adds to a small authenticated request
-(p50/p99), and the gateway's RSS per idle client connection. A benchmark, not a test:
-nothing here passes or fails.
+(p50/p99), the gateway's RSS per idle client connection, and, where nginx is installed,
+the gateway's CPU time per relayed SSE event and per small request against nginx's (one
+worker, an auth map, proxy_buffering off, upstream keepalive: the plain reverse proxy a
+user could put there instead). CPU time comes from /proc/<pid>/stat for both. A
+benchmark, not a test: nothing here passes or fails.
 
     python tests/bench.py [--streams 1,4,16] [--tokens 256] [--requests 2000] [--idle 1000]
 """
@@ -16,7 +19,9 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.make_model import write_model  # noqa: E402
-from support.procs import start_gateway, start_llama_server  # noqa: E402
+from support.procs import (  # noqa: E402
+    Process,
+    answers,
+    free_port,
+    start_gateway,
+    start_llama_server,
+    wait_until,
+)
 
 BACKEND_KEY = "bench-backend-key"
 CLIENT_KEY = "sk-bench-client-key"
@@ -43,6 +55,69 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {work}/nginx-error.log warn;
+pid {work}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    map $http_authorization $allowed {{ default 0; "Bearer {client_key}" 1; }}
+    upstream llama {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            if ($allowed = 0) {{ return 401; }}
+            proxy_pass http://llama;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {backend_key}";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(work: Path, backend_port: int) -> tuple[Process, int] | None:
+    """nginx in front of the same llama-server, if it is installed; one process."""
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if binary is None:
+        return None
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            work=work,
+            client_key=CLIENT_KEY,
+            backend_port=backend_port,
+            port=port,
+            backend_key=BACKEND_KEY,
+        )
+    )
+    proc = Process([binary, "-c", str(conf), "-p", str(work)], dict(os.environ), work / "nginx.log")
+    proc.start()
+    wait_until(
+        lambda: answers(port, "/health", 200, {"Authorization": f"Bearer {CLIENT_KEY}"}),
+        10,
+        "nginx",
+    )
+    return proc, port
 
 
 def rss_kib(pid: int) -> int:
@@ -99,12 +174,20 @@ async def one_stream(port: int, key: str, tokens: int) -> int:
 
 async def streams(port: int, key: str, concurrency: int, tokens: int, rounds: int) -> float:
     """Events per second with ``concurrency`` streams running at once."""
+    events, seconds = await stream_events(port, key, concurrency, tokens, rounds)
+    return events / seconds
+
+
+async def stream_events(
+    port: int, key: str, concurrency: int, tokens: int, rounds: int
+) -> tuple[int, float]:
+    """Events relayed and seconds taken with ``concurrency`` streams at once."""
     started = time.perf_counter()
     total = 0
     for _ in range(rounds):
         counts = await asyncio.gather(*(one_stream(port, key, tokens) for _ in range(concurrency)))
         total += sum(counts)
-    return total / (time.perf_counter() - started)
+    return total, time.perf_counter() - started
 
 
 async def latencies(port: int, key: str, count: int) -> list[float]:
@@ -167,8 +250,66 @@ async def idle_connections(port: int, pid: int, count: int) -> dict[str, float]:
     }
 
 
+async def cpu_per_event(
+    port: int, pid: int, concurrency: int, tokens: int, rounds: int
+) -> tuple[float, float]:
+    """(events/s, CPU microseconds of process ``pid`` per relayed event)."""
+    before = cpu_seconds(pid)
+    events, seconds = await stream_events(port, CLIENT_KEY, concurrency, tokens, rounds)
+    return events / seconds, (cpu_seconds(pid) - before) * 1e6 / events
+
+
+async def cpu_per_request(port: int, pid: int, count: int) -> tuple[list[float], float]:
+    """(latencies in ms, CPU microseconds of process ``pid`` per small request)."""
+    before = cpu_seconds(pid)
+    out = await latencies(port, CLIENT_KEY, count)
+    return out, (cpu_seconds(pid) - before) * 1e6 / count
+
+
+async def versus_nginx(
+    args: argparse.Namespace, gateway: tuple[int, int], nginx: tuple[int, int]
+) -> dict[str, object]:
+    """CPU per relayed SSE event and per small request: gateway against nginx, paired runs."""
+    result: dict[str, object] = {}
+    for concurrency in args.streams:
+        rounds = max(4, 64 // concurrency)
+        per_event: dict[str, list[float]] = {"gateway": [], "nginx": []}
+        rates: dict[str, list[float]] = {"gateway": [], "nginx": []}
+        for _ in range(args.repeat):
+            for name, (port, pid) in (("gateway", gateway), ("nginx", nginx)):
+                rate, cpu = await cpu_per_event(port, pid, concurrency, args.tokens, rounds)
+                rates[name].append(rate)
+                per_event[name].append(cpu)
+        g, n = statistics.median(per_event["gateway"]), statistics.median(per_event["nginx"])
+        result[f"stream_{concurrency}"] = {
+            "gateway_events_per_s": round(statistics.median(rates["gateway"]), 1),
+            "nginx_events_per_s": round(statistics.median(rates["nginx"]), 1),
+            "gateway_cpu_us_per_event": round(g, 1),
+            "nginx_cpu_us_per_event": round(n, 1),
+            "cpu_ratio": round(g / n, 2),
+        }
+    await latencies(nginx[0], CLIENT_KEY, 100)
+    gateway_ms, gateway_cpu = await cpu_per_request(gateway[0], gateway[1], args.requests)
+    nginx_ms, nginx_cpu = await cpu_per_request(nginx[0], nginx[1], args.requests)
+    result["small_request"] = {
+        "gateway_p50_ms": round(pct(gateway_ms, 0.5), 3),
+        "gateway_p99_ms": round(pct(gateway_ms, 0.99), 3),
+        "nginx_p50_ms": round(pct(nginx_ms, 0.5), 3),
+        "nginx_p99_ms": round(pct(nginx_ms, 0.99), 3),
+        "gateway_cpu_us_per_request": round(gateway_cpu, 1),
+        "nginx_cpu_us_per_request": round(nginx_cpu, 1),
+        "cpu_ratio": round(gateway_cpu / nginx_cpu, 2),
+    }
+    return result
+
+
 async def run(
-    args: argparse.Namespace, backend_port: int, gateway_port: int, gateway_pid: int, idle: bool
+    args: argparse.Namespace,
+    backend_port: int,
+    gateway_port: int,
+    gateway_pid: int,
+    idle: bool,
+    nginx: tuple[int, int] | None,
 ) -> dict[str, object]:
     result: dict[str, object] = {}
     for concurrency in args.streams:
@@ -210,6 +351,8 @@ async def run(
         "added_p50_ms": round(pct(gateway_ms, 0.5) - pct(direct_ms, 0.5), 3),
         "added_p99_ms": round(pct(gateway_ms, 0.99) - pct(direct_ms, 0.99), 3),
     }
+    if nginx is not None:
+        result["vs_nginx"] = await versus_nginx(args, (gateway_port, gateway_pid), nginx)
     if idle:
         result["idle_connections"] = await idle_connections(gateway_port, gateway_pid, args.idle)
     return result
@@ -243,6 +386,7 @@ def main() -> None:
         backend, backend_port = start_llama_server(
             model, work / "llama-server.log", api_key=BACKEND_KEY, parallel=args.parallel
         )
+        nginx = start_nginx(work, backend_port)
         try:
             figures: dict[str, object] = {}
             for loop in args.loops:
@@ -253,13 +397,23 @@ def main() -> None:
                         "AUTH_KEYS_FILE": str(keys),
                         "LOG_LEVEL": "WARNING",
                         "EVENT_LOOP": loop,
+                        # One key sends every stream: it may hold the whole queue here.
+                        "MAX_QUEUE_SIZE": "4096",
+                        "MAX_QUEUE_PER_KEY": "4096",
                     },
                     work / f"gateway-{loop}.log",
                 )
                 try:
                     first = not figures
                     measured = asyncio.run(
-                        run(args, backend_port, gateway_port, gateway.pid, idle=first)
+                        run(
+                            args,
+                            backend_port,
+                            gateway_port,
+                            gateway.pid,
+                            idle=first,
+                            nginx=(nginx[1], nginx[0].pid) if nginx else None,
+                        )
                     )
                 finally:
                     gateway.stop()
@@ -269,6 +423,8 @@ def main() -> None:
                 else:
                     figures[loop] = measured
         finally:
+            if nginx is not None:
+                nginx[0].stop()
             backend.stop()
 
     stream16 = figures.get("stream_16", {})
@@ -284,6 +440,16 @@ def main() -> None:
         "rss_bytes_per_idle_connection_max": 16384,
         "rss_met": idle["rss_bytes_per_connection"] <= 16384,  # type: ignore[index]
     }
+    versus = figures.get("vs_nginx")
+    if isinstance(versus, dict):
+        event_ratio = versus.get("stream_16", {}).get("cpu_ratio")
+        request_ratio = versus["small_request"]["cpu_ratio"]
+        targets["cpu_per_event_vs_nginx_max"] = 1.5
+        targets["cpu_per_event_met"] = event_ratio is not None and event_ratio <= 1.5
+        targets["cpu_per_request_vs_nginx_max"] = 2.0
+        targets["cpu_per_request_met"] = request_ratio <= 2.0
+    else:
+        targets["vs_nginx"] = "not measured: nginx is not installed (apt-get install nginx-light)"
     report = {
         "machine": {
             "cpus": os.cpu_count(),
