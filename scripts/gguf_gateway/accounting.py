@@ -28,9 +28,19 @@ class Accounting:
         self.metrics = metrics
         self.worker_id = config.worker_id
         self.ledger = UsageLedger(config.log_dir / "usage.jsonl")
+        self._second = 0
+        self._stamp = ""
 
     def close(self) -> None:
         self.ledger.close()
+
+    def _timestamp(self) -> str:
+        """UTC time to the second, formatted once per second rather than per request."""
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        return self._stamp
 
     def finished(self, ex: Exchange, raw_path: str) -> None:
         metrics = self.metrics
@@ -53,7 +63,7 @@ class Accounting:
         if ex.path not in QUIET_PATHS and ex.path != "other":
             self.ledger.record(
                 {
-                    "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "ts": self._timestamp(),
                     "request_id": ex.request_id,
                     "key_id": ex.key_id,
                     "model": bounded(ex.model),

@@ -68,6 +68,15 @@ class BackendConnection:
                 raise BackendUnavailable("llama-server closed the connection")
             self.buf += data
 
+    def buffered_body(self, head: ResponseHead) -> bytes | None:
+        """The body, if all of it (Content-Length framed) has already been read."""
+        length = head.content_length
+        if head.chunked or length is None or len(self.buf) < length:
+            return None
+        body = bytes(self.buf[:length])
+        del self.buf[:length]
+        return body
+
     async def read_body(self, head: ResponseHead) -> bytes:
         """The whole body of a non-streamed response."""
         if head.chunked:

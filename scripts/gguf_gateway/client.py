@@ -78,12 +78,15 @@ class ClientConnection:
         """The whole body (Content-Length or chunked), which must arrive within ``timeout``."""
         if not head.has_body:
             return b""
+        length = head.content_length or 0
+        if not head.chunked and len(self.buf) >= length:
+            return self._take(length)  # the usual case: it came with the head, no timer
         if head.expect_continue and not self.buf:
             self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         async with asyncio.timeout(timeout):
             if head.chunked:
                 return await self._read_chunked()
-            return await self._read_length(head.content_length or 0)
+            return await self._read_length(length)
 
     async def _more(self, size: int = READ_SIZE) -> None:
         data = await self.reader.read(size)
@@ -102,6 +105,9 @@ class ClientConnection:
     async def _read_length(self, length: int) -> bytes:
         while len(self.buf) < length:
             await self._more(max(READ_SIZE, length - len(self.buf)))
+        return self._take(length)
+
+    def _take(self, length: int) -> bytes:
         body = bytes(self.buf[:length])
         del self.buf[:length]
         return body

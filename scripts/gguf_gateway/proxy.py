@@ -150,6 +150,10 @@ class Relay:
         return bconn, bhead
 
     async def _body(self, bconn: BackendConnection, bhead: ResponseHead) -> bytes:
+        body = bconn.buffered_body(bhead)  # small responses arrive with their head
+        if body is not None:
+            self.pool.release(bconn, bhead.keep_alive)
+            return body
         try:
             async with asyncio.timeout(self.config.stream_idle_timeout):
                 body = await bconn.read_body(bhead)

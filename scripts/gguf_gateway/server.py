@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 from .access import AccessControl
 from .accounting import Accounting
@@ -24,7 +23,7 @@ from .endpoints import LocalEndpoints
 from .http11 import HttpError, Limits, RequestHead
 from .keys import KeySource
 from .metrics import Metrics
-from .pipeline import AdmissionSource, Outcome, Pipeline
+from .pipeline import AdmissionSource, Outcome, Pipeline, new_request_id
 from .proxy import Relay
 from .readiness import Readiness
 from .refusals import Refusal, unavailable
@@ -184,6 +183,6 @@ class Gateway:
 
     def _refuse_connection(self, conn: ClientConnection, refusal: Refusal, path: str) -> None:
         """A refusal before there is a request to speak of: answer, account, close."""
-        ex = Exchange(uuid.uuid4().hex, "-", "other", time.monotonic())
+        ex = Exchange(new_request_id(), "-", "other", time.monotonic())
         Responder(conn.writer, ex).refuse(refusal, keep_alive=False)
         self.accounting.finished(ex, path)
