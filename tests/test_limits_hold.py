@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import ALICE, GatewayFactory, GatewayHandle
+from support.procs import wait_until
 from support.rawhttp import exchange, status_of
 from test_keys_and_limits import limited_gateway
 
@@ -216,3 +218,23 @@ def test_ledger_fields_are_bounded(make_gateway: GatewayFactory, tmp_path: Path)
     gw.proc.stop()
     line = (logs / "usage.jsonl").read_text().splitlines()[-1]
     assert len(line) < 1000 and json.loads(line)["model"] == "m" * 128
+
+
+def test_a_key_revoked_while_its_body_uploads_cannot_start_the_request(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = limited_gateway(make_gateway, tmp_path, "slow:sk-slow-uploader-0\n")
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+        f"Authorization: Bearer sk-slow-uploader-0\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(head + body[:10])
+        time.sleep(0.3)  # the gateway has authenticated the head and waits for the body
+        (tmp_path / "limited_keys.txt").write_text("other:sk-someone-else-00\n")
+        gw.proc.signal(signal.SIGHUP)
+        wait_until(lambda: "keys reloaded" in gw.proc.log(), 5, "the reload")
+        sock.sendall(body[10:])
+        answer = sock.recv(65536)
+    assert status_of(answer) == 401 and b"revoked" in answer

@@ -14,7 +14,7 @@ import time
 
 from .config import Config
 from .http11 import RequestHead
-from .keys import ApiKey, KeySource
+from .keys import ApiKey, KeyRing, KeySource
 from .limits import KeyLimits, Reservation
 from .refusals import Refusal, retry_headers
 from .responses import Responder
@@ -89,9 +89,14 @@ class AccessControl:
             )
         return key
 
-    def still_valid(self, key: ApiKey) -> None:
-        """After a slow body: a key revoked or expired meanwhile cannot start the request."""
-        if not self.keys.current().holds(key) or key.expired():
+    def still_valid(self, key: ApiKey, ring: KeyRing) -> None:
+        """After the body: a key revoked or expired meanwhile cannot start the request.
+
+        ``ring`` is the key ring the key was found in; while it is still the current one
+        (no reload since), nothing needs checking again.
+        """
+        current = self.keys.current()
+        if (current is not ring and not current.holds(key)) or key.expired():
             raise _unauthorized("API key was revoked or has expired", code="revoked_api_key")
 
     def limits_for(self, key: ApiKey) -> KeyLimits:

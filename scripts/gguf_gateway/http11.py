@@ -41,6 +41,13 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # control byte, and never NUL, CR or LF, which are the raw material of header injection.
 _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
+# A whole field block, well formed: token names, values of HTAB, SP, visible ASCII and
+# obs-text, CRLF between lines (no obs-fold, no bare CR or LF, no control bytes).
+_FIELD_BLOCK = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*"
+)
+
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
@@ -65,6 +72,10 @@ class Limits:
     max_headers: int = 100
     max_body: int = 10 * 1024 * 1024
     max_chunk_line: int = 1024
+
+
+# Backend responses: trusted, but still parsed strictly; llama-server sends a dozen fields.
+_BACKEND_FIELDS = Limits(max_headers=1000)
 
 
 @dataclass(slots=True)
@@ -116,6 +127,27 @@ def _split_lines(block: bytes) -> list[bytes]:
         if b"\r" in line or b"\n" in line:
             raise HttpError(400, "line endings must be CRLF")
     return lines
+
+
+def _fields(field_block: bytes, limits: Limits) -> list[tuple[str, str]]:
+    """Header fields of a head's field block (without its final CRLF CRLF).
+
+    A well-formed block is checked by one regular expression and split without per-line
+    checks; anything else goes through ``_parse_fields`` line by line, which finds the
+    exact error to answer with. Both accept exactly the same blocks.
+    """
+    if not field_block:
+        return []
+    if _FIELD_BLOCK.fullmatch(field_block):
+        lines = field_block.decode("latin-1").split("\r\n")
+        if len(lines) > limits.max_headers:
+            raise HttpError(431, f"more than {limits.max_headers} header fields")
+        headers = []
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers.append((name.lower(), value.strip(" \t")))
+        return headers
+    return _parse_fields(_split_lines(field_block), limits)
 
 
 def _parse_fields(lines: list[bytes], limits: Limits) -> list[tuple[str, str]]:
@@ -217,7 +249,7 @@ class RequestHeadParser:
         path, _, query = path.partition("?")
         path = path.partition("#")[0]
 
-        headers = _parse_fields(_split_lines(field_block), limits) if field_block else []
+        headers = _fields(field_block, limits)
         head = RequestHead(method, target, path, query, http11, headers)
         _apply_request_framing(head, limits)
         return head
@@ -480,8 +512,7 @@ def parse_response_head(buf: bytearray, limits: Limits) -> ResponseHead | None:
     if len(parts) < 2 or not _VERSION.fullmatch(parts[0]) or not _DIGITS.fullmatch(parts[1]):
         raise HttpError(502, "malformed status line from backend")
     try:
-        lines = _split_lines(field_block) if field_block else []
-        headers = _parse_fields(lines, Limits(max_headers=1000))
+        headers = _fields(field_block, _BACKEND_FIELDS)
     except HttpError as exc:
         raise HttpError(502, f"malformed header from backend: {exc.message}") from None
     head = ResponseHead(int(parts[1]), headers)

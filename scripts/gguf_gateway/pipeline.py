@@ -166,10 +166,11 @@ class Pipeline:
         key: ApiKey | None,
         limits: KeyLimits | None,
     ) -> Outcome:
+        ring = self.access.keys.ring
         body = await conn.read_body(head, self.config.client_body_timeout)
         out.ex.body_read = True
-        if key is not None and head.has_body:
-            self.access.still_valid(key)
+        if key is not None:
+            self.access.still_valid(key, ring)
         forward, plan = self._prepare(head, route, out, body)
         reservation: Reservation | None = None
         if limits is not None and route.admitted:
@@ -196,7 +197,8 @@ class Pipeline:
             bodies.inspect(payload, self.config.allow_remote_media)
             model = payload.get("model")
             out.ex.model = model if isinstance(model, str) else None
-            plan = tokens.plan(route.path, payload, len(body), slot_ctx)
+            if route.admitted:  # only requests that take a slot are planned
+                plan = tokens.plan(route.path, payload, len(body), slot_ctx)
             changed = tokens.strip_server_fields(payload)
             streamed = payload.get("stream") is True
             if streamed:

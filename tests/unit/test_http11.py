@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gguf_gateway import http11
 from gguf_gateway.http11 import (
     ChunkedDecoder,
     ChunkedScanner,
@@ -344,3 +345,28 @@ def test_chunked_decoder_is_split_invariant(data: bytes, step: int) -> None:
     split = run([data[i : i + step] for i in range(0, len(data), step)] or [b""])
     if isinstance(whole, tuple) and whole[1]:
         assert split == whole
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"Host", b"x-a", b"bad name", b" fold", b"", b"X\x00"]),
+            st.binary(max_size=12),
+        ),
+        max_size=6,
+    )
+)
+def test_whole_block_check_accepts_exactly_what_the_line_parser_accepts(
+    fields: list[tuple[bytes, bytes]],
+) -> None:
+    block = b"\r\n".join(name + b":" + value for name, value in fields)
+    limits = Limits()
+    try:
+        slow: object = http11._parse_fields(http11._split_lines(block), limits) if block else []
+    except HttpError as exc:
+        slow = exc.status
+    try:
+        fast: object = http11._fields(block, limits)
+    except HttpError as exc:
+        fast = exc.status
+    assert fast == slow
