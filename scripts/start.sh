@@ -13,6 +13,11 @@ set -Eeuo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 
+# The model, set by resolve_model.
+MODEL_MODE="single"
+MODEL_FILE=""
+MMPROJ_FILE=""
+
 # Child PIDs and run-time state, set by main.
 PLATFORM=""
 AUTH_MODE=""
@@ -77,6 +82,10 @@ validate_settings() {
   require_uint PORT_BACKEND 1 65535
   require_uint CTX 0
   require_uint PARALLEL 1
+  require_uint MODELS_MAX 0
+  if [[ -n "${MODEL_ALIAS:-}" && ! "$MODEL_ALIAS" =~ ^[A-Za-z0-9._:@/+-]{1,128}$ ]]; then
+    die_config "MODEL_ALIAS='$MODEL_ALIAS': use 1-128 letters, digits and . _ : @ / + -"
+  fi
   if [[ -n "${NGL:-}" && ! "${NGL}" =~ ^([0-9]+|auto|all)$ ]]; then
     die_config "NGL='${NGL}': expected a number of layers, 'auto' or 'all'"
   fi
@@ -164,33 +173,77 @@ resolve_llama_bin() {
   fi
 }
 
-# list_models DIR: the .gguf files a user would call models: first shards of split
-# models only, no multimodal projectors.
-list_models() {
-  local dir="$1" file base
+# is_model_file NAME: a .gguf a user would call a model: not a later shard of a split
+# model, not a multimodal projector.
+is_model_file() {
+  local base="$1"
+  [[ "$base" == *.gguf && "$base" != *mmproj* ]] || return 1
+  [[ "$base" =~ -[0-9]{5}-of-[0-9]{5}\.gguf$ && ! "$base" =~ -00001-of-[0-9]{5}\.gguf$ ]] && return 1
+  return 0
+}
+
+# model_in_dir DIR: the model file of a one-model subdirectory (its first shard).
+model_in_dir() {
+  local file
   shopt -s nullglob
-  for file in "$dir"/*.gguf; do
-    base="$(basename "$file")"
-    [[ "$base" =~ -[0-9]{5}-of-[0-9]{5}\.gguf$ && ! "$base" =~ -00001-of-[0-9]{5}\.gguf$ ]] && continue
-    [[ "$base" == mmproj* ]] && continue
-    echo "$file"
+  for file in "$1"/*.gguf; do
+    if is_model_file "$(basename "$file")"; then
+      shopt -u nullglob
+      echo "$file"
+      return 0
+    fi
   done
   shopt -u nullglob
 }
 
-# resolve_model: sets MODEL_MODE (single|router) and MODEL_FILE; exits 2 when none.
+# list_models DIR: the models in llama-server's models-dir layout, one per line: a .gguf
+# at the top of DIR, or a subdirectory holding one model's files (split shards, mmproj).
+list_models() {
+  local dir="$1" entry
+  shopt -s nullglob
+  for entry in "$dir"/*; do
+    if [[ -d "$entry" ]]; then
+      [[ -n "$(model_in_dir "$entry")" ]] && echo "$entry"
+    elif is_model_file "$(basename "$entry")"; then
+      echo "$entry"
+    fi
+  done
+  shopt -u nullglob
+  return 0
+}
+
+# use_model_dir DIR: serve a one-model subdirectory: its model file (first shard) and
+# its projector, if it holds one.
+use_model_dir() {
+  local projector
+  MODEL_FILE="$(model_in_dir "$1")"
+  shopt -s nullglob
+  for projector in "$1"/*mmproj*.gguf; do
+    MMPROJ_FILE="$projector"
+    break
+  done
+  shopt -u nullglob
+}
+
+# resolve_model: sets MODEL_MODE (single|router), MODEL_FILE and MMPROJ_FILE; exits 2
+# when there is none.
 resolve_model() {
   local models_dir="$1"
   MODEL_MODE="single"
   MODEL_FILE=""
+  MMPROJ_FILE=""
   if [[ -n "${MODEL_PATH:-}" ]]; then
     [[ -f "$MODEL_PATH" ]] || die_config "MODEL_PATH=$MODEL_PATH: no such file"
     MODEL_FILE="$MODEL_PATH"
     return 0
   fi
   if [[ -n "${MODEL_NAME:-}" ]]; then
+    if [[ -d "$models_dir/$MODEL_NAME" && -n "$(model_in_dir "$models_dir/$MODEL_NAME")" ]]; then
+      use_model_dir "$models_dir/$MODEL_NAME"
+      return 0
+    fi
     [[ -f "$models_dir/$MODEL_NAME" ]] ||
-      die_config "MODEL_NAME=$MODEL_NAME: no such file in $models_dir (for a split model name its first shard, *-00001-of-0000N.gguf)"
+      die_config "MODEL_NAME=$MODEL_NAME: no such file or model subdirectory in $models_dir (for a split model name its first shard, *-00001-of-0000N.gguf)"
     MODEL_FILE="$models_dir/$MODEL_NAME"
     return 0
   fi
@@ -199,10 +252,24 @@ resolve_model() {
     mapfile -t found < <(list_models "$models_dir")
   fi
   case "${#found[@]}" in
-    0) die_config "no .gguf model in $models_dir: copy one there, or set MODEL_PATH or MODEL_NAME" ;;
-    1) MODEL_FILE="${found[0]}" ;;
+    0) die_config "no .gguf model in $models_dir: copy one there (or a subdirectory per multi-file model), or set MODEL_PATH, MODEL_NAME or MODEL_REPO" ;;
+    1)
+      if [[ -d "${found[0]}" ]]; then
+        use_model_dir "${found[0]}"
+      else
+        MODEL_FILE="${found[0]}"
+      fi
+      ;;
     *) MODEL_MODE="router" ;;
   esac
+}
+
+# model_alias: the model id clients see: MODEL_ALIAS, else the file name without .gguf
+# and without a split suffix (never a path).
+model_alias() {
+  local base
+  base="$(basename "$MODEL_FILE" .gguf)"
+  echo "${MODEL_ALIAS:-${base%-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]}}"
 }
 
 # llama_args MODELS_DIR KEY_FILE: prints the llama-server arguments, one per line.
@@ -210,8 +277,10 @@ llama_args() {
   local models_dir="$1" key_file="$2"
   if [[ "$MODEL_MODE" == "router" ]]; then
     printf '%s\n' --models-dir "$models_dir"
+    [[ -n "${MODELS_MAX:-}" ]] && printf '%s\n' --models-max "$MODELS_MAX"
   else
-    printf '%s\n' -m "$MODEL_FILE"
+    printf '%s\n' -m "$MODEL_FILE" --alias "$(model_alias)"
+    [[ -n "$MMPROJ_FILE" ]] && printf '%s\n' --mmproj "$MMPROJ_FILE"
   fi
   printf '%s\n' --host 127.0.0.1 --port "$PORT_BACKEND" --api-key-file "$key_file" --metrics --slots
   [[ -n "${NGL:-}" ]] && printf '%s\n' -ngl "$NGL"
@@ -273,7 +342,8 @@ boot_diagnostics() {
   if [[ "$MODEL_MODE" == "router" ]]; then
     model_desc="router mode over $MODELS_DIR ($(list_models "$MODELS_DIR" | wc -l) models)"
   else
-    model_desc="$MODEL_FILE ($(human_size "$(stat -L -c %s "$MODEL_FILE")"))"
+    model_desc="$MODEL_FILE ($(human_size "$(stat -L -c %s "$MODEL_FILE")")), served as '$(model_alias)'"
+    [[ -n "$MMPROJ_FILE" ]] && model_desc+=", projector $MMPROJ_FILE"
   fi
   if command -v nvidia-smi >/dev/null 2>&1; then
     gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | paste -sd ';' - || true)"

@@ -106,9 +106,12 @@ def test_health_goes_204_then_200_and_the_sdk_works(
         extra_body={"ignore_eos": True},
     )
     assert result.usage is not None and result.usage.completion_tokens == 4
+    # The model id is the file name, never a path: in /v1/models, responses and /health.
+    assert result.model == "tiny" and [m.id for m in client.models.list().data] == ["tiny"]
     status, body = http_get(stack.port, "/health")
     health = json.loads(body)
     assert status == 200 and health["status"] == "ready" and health["slots"]["total"] >= 1
+    assert health["models"] == ["tiny"] and "/" not in body.decode()
     assert health["platform"] == "local"
     log = stack.proc.log()
     assert "---- llama-gguf-inference boot ----" in log and "tiny.gguf" in log
@@ -226,17 +229,20 @@ def test_router_mode_serves_every_model(tmp_path: Path, stacks: list[Stack]) -> 
     data = tmp_path / "router"
     write_model(data / "models" / "alpha.gguf", seed=1)
     write_model(data / "models" / "beta.gguf", seed=2)
+    # A multi-file model lives in its own subdirectory, as llama-server's router expects.
+    write_model(data / "models" / "gamma" / "gamma-Q8_0.gguf", seed=3)
     (data / "api_keys.txt").write_text(f"tester:{KEY}\n")
-    stack = start_stack(stacks, data, tmp_path)
+    stack = start_stack(stacks, data, tmp_path, MODELS_MAX="1")
     wait_until(lambda: stack.health_status() == 200, 30, "health 200")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0)
-    assert sorted(m.id for m in client.models.list().data) == ["alpha", "beta"]
-    for name in ("alpha", "beta"):
+    assert sorted(m.id for m in client.models.list().data) == ["alpha", "beta", "gamma"]
+    for name in ("alpha", "beta", "gamma"):
         result = client.chat.completions.create(
             model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=3
         )
         assert result.model == name
-    assert "router mode" in stack.proc.log()
+    log = stack.proc.log()
+    assert "router mode" in log and "(3 models)" in log
 
 
 def test_sighup_reloads_keys_through_the_supervisor(

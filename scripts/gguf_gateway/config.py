@@ -40,6 +40,16 @@ def default_health_port(env: Mapping[str, str]) -> int:
     return 8001
 
 
+def default_first_byte(env: Mapping[str, str]) -> float:
+    """FIRST_BYTE_TIMEOUT when unset: under the platform's own cap where it has one.
+
+    RunPod serverless ends a request at 5.5 minutes with a bare 524; answering 504 at 5
+    minutes tells the client what happened. Elsewhere 10 minutes of prompt processing is
+    allowed (streams send keepalives meanwhile).
+    """
+    return 300.0 if detect_platform(env) == "runpod-serverless" else 600.0
+
+
 def detect_data_dir(env: Mapping[str, str], root: Path = Path("/")) -> Path:
     """DATA_DIR if set; else /runpod-volume, else /workspace if present; else /data.
 
@@ -203,7 +213,7 @@ class Config:
             client_body_timeout=_seconds(env, "CLIENT_BODY_TIMEOUT", 60.0),
             client_idle_timeout=_seconds(env, "CLIENT_IDLE_TIMEOUT", 75.0),
             backend_connect_timeout=_seconds(env, "BACKEND_CONNECT_TIMEOUT", 5.0),
-            first_byte_timeout=_seconds(env, "FIRST_BYTE_TIMEOUT", 600.0),
+            first_byte_timeout=_seconds(env, "FIRST_BYTE_TIMEOUT", default_first_byte(env)),
             stream_idle_timeout=_seconds(env, "STREAM_IDLE_TIMEOUT", 120.0),
             sse_keepalive_interval=_seconds(env, "SSE_KEEPALIVE_INTERVAL", 15.0),
             drain_timeout=_seconds(env, "DRAIN_TIMEOUT", 8.0),

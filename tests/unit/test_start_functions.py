@@ -98,6 +98,15 @@ def test_unset_port_health_follows_the_platform(env: dict[str, str], expected: i
     assert Config.from_env(env).port_health == expected
 
 
+def test_first_byte_timeout_stays_under_runpods_processing_cap() -> None:
+    assert Config.from_env({"RUNPOD_ENDPOINT_ID": "e"}).first_byte_timeout < 5.5 * 60
+    assert (
+        Config.from_env({"RUNPOD_ENDPOINT_ID": "e", "FIRST_BYTE_TIMEOUT": "900"}).first_byte_timeout
+        == 900
+    )
+    assert Config.from_env({}).first_byte_timeout == 600
+
+
 @pytest.mark.parametrize(
     "extra, allowed",
     [
@@ -174,7 +183,7 @@ def llama_args(env: dict[str, str]) -> list[str]:
 def test_llama_flags_are_passed_only_when_set() -> None:
     base = llama_args({})
     assert base == [
-        "-m", "/m.gguf", "--host", "127.0.0.1", "--port", "9999",
+        "-m", "/m.gguf", "--alias", "m", "--host", "127.0.0.1", "--port", "9999",
         "--api-key-file", "/run/key", "--metrics", "--slots",
     ]  # fmt: skip
     full = llama_args(
@@ -191,6 +200,37 @@ def test_llama_flags_are_passed_only_when_set() -> None:
         "on",
         "--jinja",
     ]
+
+
+def test_models_dir_layout_flat_files_and_one_model_subdirectories(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    touch(models / "flat.gguf")
+    touch(models / "mmproj-flat.gguf")
+    touch(models / "big" / "Big-Q4_K_M-00001-of-00002.gguf")
+    touch(models / "big" / "Big-Q4_K_M-00002-of-00002.gguf")
+    touch(models / "big" / "mmproj-big-f16.gguf")
+    (models / "empty").mkdir()
+    listed = sourced(f'list_models "{models}"').stdout.split()
+    assert sorted(listed) == [str(models / "big"), str(models / "flat.gguf")]
+    show = 'resolve_model "$1"; echo "$MODEL_MODE|$MODEL_FILE|$MMPROJ_FILE|$(model_alias)"'
+    one = sourced(f'set -- "{models}"; {show}', {"MODEL_NAME": "big"}).stdout.strip()
+    shard = models / "big" / "Big-Q4_K_M-00001-of-00002.gguf"
+    assert one == f"single|{shard}|{models / 'big' / 'mmproj-big-f16.gguf'}|Big-Q4_K_M"
+    (models / "flat.gguf").unlink()
+    only = sourced(f'set -- "{models}"; {show}').stdout.strip()
+    assert only.startswith(f"single|{shard}|")  # the one model is a subdirectory
+    aliased = sourced(f'set -- "{models}"; {show}', {"MODEL_ALIAS": "qwen3-8b"}).stdout
+    assert aliased.strip().endswith("|qwen3-8b")
+
+
+def test_router_mode_passes_the_models_dir_and_models_max() -> None:
+    result = sourced("MODEL_MODE=router; llama_args /models /k", {"MODELS_MAX": "2"})
+    assert result.stdout.split()[:4] == ["--models-dir", "/models", "--models-max", "2"]
+
+
+def test_a_model_alias_must_be_a_plain_name() -> None:
+    result = sourced("validate_settings", {"MODEL_ALIAS": "a b; rm"})
+    assert result.returncode == 2 and "MODEL_ALIAS" in result.stderr
 
 
 def test_router_mode_passes_the_models_dir() -> None:
