@@ -24,6 +24,7 @@ AUTH_MODE=""
 KEY_COUNT=0
 TICKER_PID=""
 HEALTH_PID=""
+FETCH_PID=""
 LLAMA_PID=""
 GATEWAY_PID=""
 RUN_DIR=""
@@ -225,7 +226,7 @@ use_model_dir() {
   shopt -u nullglob
 }
 
-# resolve_model: sets MODEL_MODE (single|router), MODEL_FILE and MMPROJ_FILE; exits 2
+# resolve_model: sets MODEL_MODE (single|router|hub), MODEL_FILE and MMPROJ_FILE; exits 2
 # when there is none.
 resolve_model() {
   local models_dir="$1"
@@ -247,6 +248,10 @@ resolve_model() {
     MODEL_FILE="$models_dir/$MODEL_NAME"
     return 0
   fi
+  if [[ -n "${MODEL_REPO:-}" ]]; then
+    MODEL_MODE="hub" # fetched (or found on the volume) once the probes answer
+    return 0
+  fi
   local -a found=()
   if [[ -d "$models_dir" ]]; then
     mapfile -t found < <(list_models "$models_dir")
@@ -262,6 +267,30 @@ resolve_model() {
       ;;
     *) MODEL_MODE="router" ;;
   esac
+}
+
+# fetch_hub_model: MODEL_REPO onto the volume (or found there), while probes say 204 and
+# the log and /health show progress. Run in the background so SIGTERM still drains.
+fetch_hub_model() {
+  local out="$RUN_DIR/model.path" status
+  set_state downloading
+  GATEWAY_DOWNLOAD_FILE="$RUN_DIR/download.json" python3 "$SCRIPT_DIR/fetch_model.py" >"$out" &
+  FETCH_PID=$!
+  while true; do
+    status=0
+    wait "$FETCH_PID" || status=$?
+    # A trapped signal (SIGHUP) interrupts wait while the download goes on.
+    kill -0 "$FETCH_PID" 2>/dev/null || break
+  done
+  rm -f "$RUN_DIR/download.json"
+  if ((status != 0)); then
+    child_died "$FETCH_PID" "$status"
+  fi
+  FETCH_PID=""
+  MODEL_MODE="single"
+  MODEL_FILE="$(<"$out")"
+  set_state starting
+  log "model:         $MODEL_FILE ($(human_size "$(stat -L -c %s "$MODEL_FILE")")), served as '$(model_alias)'"
 }
 
 # model_alias: the model id clients see: MODEL_ALIAS, else the file name without .gguf
@@ -341,6 +370,10 @@ boot_diagnostics() {
   local model_desc gpu version
   if [[ "$MODEL_MODE" == "router" ]]; then
     model_desc="router mode over $MODELS_DIR ($(list_models "$MODELS_DIR" | wc -l) models)"
+  elif [[ "$MODEL_MODE" == "hub" ]]; then
+    local token="not set" # whether it is set, never its value
+    [[ -n "${HF_TOKEN:-}" ]] && token="set"
+    model_desc="MODEL_REPO=$MODEL_REPO${MODEL_REPO_FILE:+ file $MODEL_REPO_FILE} from ${HF_ENDPOINT:-https://huggingface.co} (HF_TOKEN $token)"
   else
     model_desc="$MODEL_FILE ($(human_size "$(stat -L -c %s "$MODEL_FILE")")), served as '$(model_alias)'"
     [[ -n "$MMPROJ_FILE" ]] && model_desc+=", projector $MMPROJ_FILE"
@@ -401,6 +434,8 @@ drain() {
   trap '' TERM INT
   log "shutdown requested: draining (DRAIN_TIMEOUT=${DRAIN_TIMEOUT}s)"
   set_state draining
+  stop_child "$FETCH_PID" 2 # a partial download is kept and resumed at the next start
+  FETCH_PID=""
   stop_child "$GATEWAY_PID" "$((${DRAIN_TIMEOUT%.*} + 2))"
   GATEWAY_PID=""
   stop_child "$LLAMA_PID" 5
@@ -419,6 +454,7 @@ child_died() {
     "$LLAMA_PID") name="llama-server" LLAMA_PID="" ;;
     "$GATEWAY_PID") name="gateway" GATEWAY_PID="" ;;
     "$HEALTH_PID") name="health responder" HEALTH_PID="" ;;
+    "$FETCH_PID") name="model download" FETCH_PID="" ;;
     *) name="pid $pid" ;;
   esac
   ((status == 0)) && status=1
@@ -498,30 +534,34 @@ main() {
   trap 'log "SIGHUP: reloading keys"; [[ -n "$GATEWAY_PID" ]] && kill -HUP "$GATEWAY_PID"' HUP
 
   generate_backend_key "$key_file"
-  # First, so platform probes get 204 (starting) within a second of container start:
-  # the health responder, or in single-port mode the gateway itself.
-  if single_port; then
-    BACKEND_API_KEY="$(<"$key_file")" GATEWAY_STATE_FILE="$STATE_FILE" \
-      python3 "$SCRIPT_DIR/gateway.py" &
-    GATEWAY_PID=$!
-  else
-    GATEWAY_STATE_FILE="$STATE_FILE" python3 "$SCRIPT_DIR/health_server.py" &
+  # First, so platform probes get 204 (starting) within a second of container start: the
+  # health responder (two-port mode) and the gateway. Neither needs HF_TOKEN.
+  if ! single_port; then
+    (
+      unset HF_TOKEN
+      GATEWAY_STATE_FILE="$STATE_FILE" exec python3 "$SCRIPT_DIR/health_server.py"
+    ) &
     HEALTH_PID=$!
   fi
+  (
+    unset HF_TOKEN
+    BACKEND_API_KEY="$(<"$key_file")" GATEWAY_STATE_FILE="$STATE_FILE" \
+      GATEWAY_DOWNLOAD_FILE="$RUN_DIR/download.json" exec python3 "$SCRIPT_DIR/gateway.py"
+  ) &
+  GATEWAY_PID=$!
 
   boot_diagnostics "$PLATFORM" "$bin" "$KEY_COUNT"
+  if [[ "$MODEL_MODE" == "hub" ]]; then
+    fetch_hub_model
+  fi
+  # llama-server never sees the Hub token: the model is on the volume by now.
+  unset HF_TOKEN
 
   local -a args
   mapfile -t args < <(llama_args "$MODELS_DIR" "$key_file")
   log "starting llama-server (no load deadline: large models take minutes)"
   "$bin" "${args[@]}" > >(sed -u 's/^/[llama-server] /' >&2) 2>&1 &
   LLAMA_PID=$!
-
-  if ! single_port; then
-    BACKEND_API_KEY="$(<"$key_file")" GATEWAY_STATE_FILE="$STATE_FILE" \
-      python3 "$SCRIPT_DIR/gateway.py" &
-    GATEWAY_PID=$!
-  fi
 
   supervise
 }

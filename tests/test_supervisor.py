@@ -11,10 +11,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
+from support.fake_hub import FakeHub, HubRepo
 from support.make_model import write_model
 from support.procs import ROOT, Process, answers, free_port, http_get, llama_server_bin, wait_until
 
@@ -332,3 +334,83 @@ def test_nothing_outlives_the_supervisor_on_any_way_out(
     bad.proc.start()
     assert bad.proc.wait(30) == 2 and "EXTRA_ARGS may not set --host" in bad.proc.log()
     assert not children_of(bad.proc.pid)
+
+
+def processes_mentioning(secret: str) -> list[str]:
+    """Command lines (any process) and environments (of llama-server) holding ``secret``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes() if b"llama-server" in cmdline else b""
+        except OSError:
+            continue
+        if secret.encode() in cmdline + environ:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def test_a_model_from_the_hub_is_fetched_once_then_served_offline(
+    tmp_path: Path, model_file: Path, stacks: list[Stack]
+) -> None:
+    token = "hf_supervisor_test_token_0123"
+    hub = FakeHub(
+        {"owner/tiny-GGUF": HubRepo({"tiny-Q8_0.gguf": model_file.read_bytes()}, gated=True)},
+        token=token,
+        pace=0.3,  # a download slow enough to watch
+    ).start()
+    data = tmp_path / "hubdata"
+    data.mkdir()
+    (data / "api_keys.txt").write_text(f"tester:{KEY}\n")
+    env = {"MODEL_REPO": "owner/tiny-GGUF:Q8_0", "HF_ENDPOINT": hub.url, "HF_TOKEN": token}
+    try:
+        stack = start_stack(stacks, data, tmp_path, **env)
+        wait_until(lambda: health_of(stack).get("status") == "downloading", 20, "downloading")
+        assert stack.health_status() == 204
+        assert "percent" in health_of(stack)["download"]
+        assert not processes_mentioning(token)
+        wait_until(lambda: stack.health_status() == 200, 60, "health 200")
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0
+        )
+        assert [m.id for m in client.models.list().data] == ["tiny-Q8_0"]
+        assert not processes_mentioning(token)
+        stack.proc.signal(signal.SIGTERM)
+        assert stack.proc.wait(20) == 0
+        assert token not in stack.proc.log() and "MB/s" in stack.proc.log()
+    finally:
+        hub.stop()
+    # The Hub is gone now: the next start serves from the volume.
+    again = start_stack(stacks, data, tmp_path, **env)
+    wait_until(lambda: again.health_status() == 200, 60, "health 200 offline")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{again.port}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny-Q8_0"]
+
+
+def test_a_hub_model_that_cannot_be_had_exits_2_leaving_nothing(
+    tmp_path: Path, stacks: list[Stack]
+) -> None:
+    hub = FakeHub({"owner/tiny-GGUF": HubRepo({"tiny-Q8_0.gguf": b"GGUF"}, gated=True)}).start()
+    data = tmp_path / "hubfail"
+    data.mkdir()
+    (data / "api_keys.txt").write_text(f"tester:{KEY}\n")
+    try:
+        stack = start_stack(
+            stacks, data, tmp_path, MODEL_REPO="owner/tiny-GGUF", HF_ENDPOINT=hub.url
+        )
+        assert stack.proc.wait(30) == 2
+    finally:
+        hub.stop()
+    assert "HF_TOKEN" in stack.proc.log()
+    assert not children_of(stack.proc.pid)
+
+
+def health_of(stack: Stack) -> dict[str, Any]:
+    try:
+        status, body = http_get(stack.port, "/health", timeout=2)
+    except OSError:
+        return {}
+    result: dict[str, Any] = json.loads(body) if body else {}
+    return result

@@ -173,6 +173,7 @@ class Config:
     log_format: str = "text"
     event_loop: str = "asyncio"
     state_file: Path | None = None
+    download_file: Path | None = None
     log_dir: Path = Path("/data/logs")
     worker_id: str = ""
     platform: str = "local"
@@ -226,6 +227,9 @@ class Config:
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             event_loop=_choice(env, "EVENT_LOOP", "asyncio", ("asyncio", "uvloop")),
             state_file=Path(state_file) if state_file else None,
+            download_file=(
+                Path(download) if (download := env.get("GATEWAY_DOWNLOAD_FILE")) else None
+            ),
             data_dir=data_dir,
             log_dir=Path(env.get("LOG_DIR", "").strip() or data_dir / "logs"),
             platform=detect_platform(env),

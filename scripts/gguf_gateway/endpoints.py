@@ -100,7 +100,7 @@ class LocalEndpoints:
     def health(self) -> dict[str, object]:
         r = self.readiness
         admission = self.admission()
-        return {
+        health: dict[str, object] = {
             "status": r.status,
             "backend": r.backend,
             "models": r.models,
@@ -111,3 +111,7 @@ class LocalEndpoints:
             "version": VERSION,
             "platform": self.config.platform,
         }
+        download = r.download()
+        if download is not None:
+            health["download"] = download
+        return health

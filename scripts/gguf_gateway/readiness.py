@@ -21,9 +21,17 @@ log = logging.getLogger("gateway")
 
 # Published states, shared with health_server.py and start.sh.
 STARTING, LOADING, READY, DRAINING, FAILED = "starting", "loading", "ready", "draining", "failed"
+DOWNLOADING = "downloading"  # the supervisor is fetching the model from the Hub
 # The platform probe contract (RunPod's load balancer): 204 initializing, 200 healthy,
 # anything else unhealthy. The one definition for the health responder and the gateway.
-PROBE_STATUS = {STARTING: 204, LOADING: 204, READY: 200, DRAINING: 503, FAILED: 503}
+PROBE_STATUS = {
+    STARTING: 204,
+    DOWNLOADING: 204,
+    LOADING: 204,
+    READY: 200,
+    DRAINING: 503,
+    FAILED: 503,
+}
 
 
 def publish_state(path: Path | None, state: str) -> None:
@@ -39,7 +47,15 @@ def publish_state(path: Path | None, state: str) -> None:
 
 
 class Readiness:
-    def __init__(self, host: str, port: int, api_key: str, state_file: Path | None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        api_key: str,
+        state_file: Path | None,
+        download_file: Path | None = None,
+    ) -> None:
+        self.download_file = download_file
         self.host = host
         self.port = port
         self.api_key = api_key
@@ -63,8 +79,20 @@ class Readiness:
         if self.draining:
             return DRAINING
         if self.backend == "down":
-            return FAILED if self.ever_ready else STARTING
+            if self.ever_ready:
+                return FAILED
+            return DOWNLOADING if self.download() is not None else STARTING
         return self.backend
+
+    def download(self) -> dict[str, object] | None:
+        """The model download's progress, while the supervisor fetches it (else None)."""
+        if self.download_file is None or self.ever_ready:
+            return None
+        try:
+            progress = json.loads(self.download_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return progress if isinstance(progress, dict) else None
 
     def backend_failed(self) -> None:
         """A request could not reach llama-server: re-check it now."""

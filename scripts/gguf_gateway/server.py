@@ -46,7 +46,11 @@ class Gateway:
             config.backend_host, config.port_backend, config.backend_connect_timeout
         )
         self.readiness = Readiness(
-            config.backend_host, config.port_backend, config.backend_api_key, config.state_file
+            config.backend_host,
+            config.port_backend,
+            config.backend_api_key,
+            config.state_file,
+            config.download_file,
         )
         self.admission = AdmissionSource(config, self.readiness)
         self.endpoints = LocalEndpoints(

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Fetch MODEL_REPO from the Hugging Face Hub onto the volume; print the model's local path.
+
+Run by the supervisor before llama-server starts (see gguf_gateway/hub.py). Progress goes
+to stderr (and to GATEWAY_DOWNLOAD_FILE, which the gateway shows in /health); the path of
+the model's first file is the only line on stdout. Exit status 2: the model cannot be had
+as configured, and the message names the setting (MODEL_REPO, HF_TOKEN, HF_ENDPOINT...).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from gguf_gateway.config import detect_data_dir
+from gguf_gateway.hub import (
+    DEFAULT_ENDPOINT,
+    RUNPOD_CACHE,
+    Hub,
+    HubError,
+    Progress,
+    fetch,
+    parse_ref,
+)
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"{stamp} [model] {message}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    env = os.environ
+    data_dir = detect_data_dir(env)
+    cache = data_dir / "huggingface" / "hub"
+    progress = env.get("GATEWAY_DOWNLOAD_FILE", "").strip()
+    Progress.state_file = Path(progress) if progress else None
+    try:
+        ref = parse_ref(env)
+        hub = Hub(
+            env.get("HF_ENDPOINT", "").strip() or DEFAULT_ENDPOINT, env.get("HF_TOKEN", ""), log
+        )
+        wanted = ref.file or ref.quant or "default quant"
+        log(
+            f"model {ref.repo} ({wanted}, revision {ref.revision}) from {hub.endpoint}, cache {cache}"
+        )
+        # RunPod's cached models sit under the network volume; DATA_DIR is usually that volume.
+        path = fetch(ref, cache, hub, [RUNPOD_CACHE, data_dir / "huggingface-cache" / "hub"])
+    except HubError as exc:
+        log(f"ERROR: {exc}")
+        return 2
+    log(f"model ready: {path}")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

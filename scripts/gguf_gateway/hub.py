@@ -1,0 +1,383 @@
+"""Models from the Hugging Face Hub, fetched once onto the volume and reused offline.
+
+``MODEL_REPO=owner/repo[:QUANT]`` (or ``MODEL_REPO_FILE``) names a GGUF in a Hub repo. The
+files it needs (every shard of the chosen quant, nothing else) are stored in the Hub's
+own cache layout under DATA_DIR::
+
+    models--owner--repo/blobs/<sha256>            the bytes
+    models--owner--repo/snapshots/<commit>/<path> -> ../../blobs/<sha256>
+    models--owner--repo/refs/<revision>           the commit the revision pointed to
+
+so every later start (also one while the Hub is unreachable) finds them, and so does any
+Hub-aware tool. A model RunPod already cached on the host is used in place. A cut
+download resumes with an HTTP Range request; every blob is checked against the SHA-256
+the Hub lists for it before it is used.
+
+The Hub calls are the ones llama.cpp's own ``-hf`` makes (see the README of its server):
+``api/models/<repo>/revision/<rev>`` for the commit and file list, ``api/models/<repo>/
+tree/<commit>?recursive=true`` for sizes and hashes, ``<repo>/resolve/<commit>/<path>``
+for the bytes. HF_TOKEN goes in an Authorization header to the Hub only (dropped on a
+redirect to another host) and is never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+# llama.cpp's -hf picks this quant when none is named, if the repo has it.
+DEFAULT_QUANT = "Q4_K_M"
+# Where RunPod places the repos an endpoint asks it to cache (on the host, read-only).
+RUNPOD_CACHE = Path("/runpod-volume/huggingface-cache/hub")
+PROGRESS_SECONDS = 5.0
+RETRIES = 5
+CHUNK = 1024 * 1024
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+# Quant names as they appear in GGUF file names (Q4_K_M, IQ3_XXS, Q8_0, F16, BF16, ...).
+_QUANT = re.compile(r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])", re.I)
+
+
+class HubError(Exception):
+    """A model that cannot be had; the message names the setting to change."""
+
+
+class HubUnreachable(Exception):
+    """The Hub did not answer (network down, DNS, refused)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    repo: str
+    quant: str | None
+    file: str | None
+    revision: str
+
+    @property
+    def cache_name(self) -> str:
+        return "models--" + self.repo.replace("/", "--")
+
+
+def parse_ref(env: Mapping[str, str]) -> ModelRef:
+    raw = env.get("MODEL_REPO", "").strip()
+    repo, _, quant = raw.partition(":")
+    if not _REPO.fullmatch(repo):
+        raise HubError(f"MODEL_REPO={raw!r}: expected owner/repo or owner/repo:QUANT")
+    file = env.get("MODEL_REPO_FILE", "").strip() or None
+    if file is not None and (not file.endswith(".gguf") or ".." in file.split("/")):
+        raise HubError(f"MODEL_REPO_FILE={file!r}: expected the path of a .gguf in the repo")
+    revision = env.get("MODEL_REVISION", "").strip() or "main"
+    if not re.fullmatch(r"[A-Za-z0-9._/-]{1,128}", revision) or ".." in revision:
+        raise HubError(f"MODEL_REVISION={revision!r}: expected a branch, tag or commit")
+    return ModelRef(repo, quant.strip() or None, file, revision)
+
+
+def quants_in(names: list[str]) -> list[str]:
+    found = {m.group(1).upper() for n in names for m in [_QUANT.search(Path(n).name)] if m}
+    return sorted(found)
+
+
+def choose(ref: ModelRef, names: list[str]) -> list[str]:
+    """The repo files the model needs: every shard of the chosen file, in order."""
+    models = [n for n in names if n.endswith(".gguf") and "mmproj" not in Path(n).name.lower()]
+    if ref.file is not None:
+        if ref.file not in names:
+            raise HubError(f"MODEL_REPO_FILE={ref.file}: no such file in {ref.repo}")
+        first = ref.file
+    else:
+        wanted = ref.quant or DEFAULT_QUANT
+        matching = sorted(n for n in models if wanted.lower() in Path(n).name.lower())
+        if not matching and ref.quant is None and models:
+            matching = sorted(models)  # no Q4_K_M: the first model, as llama.cpp does
+        if not matching:
+            have = ", ".join(quants_in(models)) or "none"
+            raise HubError(
+                f"MODEL_REPO={ref.repo}:{wanted}: the repo has no {wanted} GGUF "
+                f"(quants it has: {have})"
+            )
+        first = matching[0]
+    shard = _SHARD.search(first)
+    if shard is None:
+        return [first]
+    stem = first[: shard.start()]
+    total = int(shard.group(2))
+    return [f"{stem}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
+
+
+def _in_snapshot(snapshot: Path, files: list[str]) -> Path | None:
+    paths = [snapshot / f for f in files]
+    return paths[0] if all(p.is_file() for p in paths) else None
+
+
+def cached(cache: Path, ref: ModelRef, pick: Callable[[list[str]], list[str]]) -> Path | None:
+    """The model's first file in a Hub cache (ours or RunPod's), if complete there."""
+    root = cache / ref.cache_name
+    commit = _read(root / "refs" / ref.revision) or ref.revision
+    candidates = [root / "snapshots" / commit]
+    if (root / "snapshots").is_dir():
+        candidates += sorted(p for p in (root / "snapshots").iterdir() if p != candidates[0])
+    for snapshot in candidates:
+        if not snapshot.is_dir():
+            continue
+        names = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf")]
+        try:
+            found = _in_snapshot(snapshot, pick(names))
+        except HubError:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class _SameHostAuth(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never carry the token to another host (the Hub's CDN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            old_host = urllib.parse.urlsplit(req.full_url).netloc
+            if urllib.parse.urlsplit(newurl).netloc != old_host:
+                new.remove_header("Authorization")
+        return new
+
+
+class Hub:
+    def __init__(self, endpoint: str, token: str, log: Callable[[str], None]) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.token = token
+        self.log = log
+        self.opener = urllib.request.build_opener(_SameHostAuth())
+
+    def _open(self, path: str, headers: dict[str, str] | None = None) -> object:
+        request = urllib.request.Request(self.endpoint + path, headers=headers or {})
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            return self.opener.open(request, timeout=30)
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, OSError) as exc:
+            raise HubUnreachable(str(getattr(exc, "reason", exc))) from None
+
+    def _json(self, path: str, ref: ModelRef) -> object:
+        try:
+            with self._open(path) as response:  # type: ignore[attr-defined]
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise self._refused(exc.code, ref) from None
+        except ValueError:
+            raise HubUnreachable(f"{self.endpoint} answered {path} with something not JSON")
+
+    def _refused(self, status: int, ref: ModelRef) -> Exception:
+        if status in (401, 403):
+            if not self.token:
+                return HubError(
+                    f"MODEL_REPO={ref.repo} is gated or private: set HF_TOKEN to a token "
+                    "with access to it (and accept the repo's terms on the Hub)"
+                )
+            return HubError(
+                f"HF_TOKEN is not accepted for MODEL_REPO={ref.repo} (Hub answered {status}): "
+                "check the token and that its account has access to the repo"
+            )
+        if status == 404:
+            return HubError(
+                f"MODEL_REPO={ref.repo} (revision {ref.revision}) does not exist on "
+                f"{self.endpoint}, or is private (then set HF_TOKEN)"
+            )
+        return HubUnreachable(f"{self.endpoint} answered {status}")
+
+    def listing(self, ref: ModelRef) -> tuple[str, dict[str, tuple[int, str | None]]]:
+        """The revision's commit and, per file, its size and SHA-256 (None if not LFS)."""
+        quoted = urllib.parse.quote(ref.revision, safe="")
+        info = self._json(f"/api/models/{ref.repo}/revision/{quoted}", ref)
+        commit = info.get("sha") if isinstance(info, dict) else None
+        if not isinstance(commit, str):
+            raise HubUnreachable("the Hub's answer names no commit")
+        tree = self._json(f"/api/models/{ref.repo}/tree/{commit}?recursive=true", ref)
+        files: dict[str, tuple[int, str | None]] = {}
+        for entry in tree if isinstance(tree, list) else []:
+            if isinstance(entry, dict) and entry.get("type") == "file":
+                lfs = entry.get("lfs")
+                oid = lfs.get("oid") if isinstance(lfs, dict) else None
+                size = entry.get("size", 0)
+                files[str(entry.get("path"))] = (
+                    size if isinstance(size, int) else 0,
+                    oid if isinstance(oid, str) else None,
+                )
+        return commit, files
+
+    def download(self, ref: ModelRef, commit: str, path: str, size: int, target: Path) -> None:
+        """Fetch one file into ``target`` (resuming ``target.incomplete``), with progress."""
+        partial = target.with_name(target.name + ".incomplete")
+        have = partial.stat().st_size if partial.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        url = f"/{ref.repo}/resolve/{commit}/{urllib.parse.quote(path)}"
+        try:
+            response = self._open(url, headers)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:
+                partial.unlink()  # our partial file is not a prefix of theirs: start over
+                return self.download(ref, commit, path, size, target)
+            raise self._refused(exc.code, ref) from None
+        with response as stream:  # type: ignore[attr-defined]
+            if have and getattr(stream, "status", 200) != 206:
+                have = 0  # the server ignored the Range: take the whole file again
+            if have:
+                self.log(f"resuming {path} at {have / 1e6:.1f} MB")
+            progress = Progress(path, size, have, self.log)
+            with open(partial, "ab" if have else "wb") as out:
+                while True:
+                    try:
+                        block = stream.read(CHUNK)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise HubUnreachable(f"download of {path} was cut: {exc}") from None
+                    if not block:
+                        break
+                    out.write(block)
+                    progress.advance(len(block))
+        got = partial.stat().st_size
+        if size and got != size:
+            raise HubUnreachable(f"download of {path} was cut at {got} of {size} bytes")
+        partial.rename(target)
+
+
+class Progress:
+    """Progress lines for the log (and a JSON file for /health), at most every few seconds."""
+
+    state_file: Path | None = None
+
+    def __init__(self, path: str, size: int, done: int, log: Callable[[str], None]) -> None:
+        self.path, self.size, self.done, self.log = path, size, done, log
+        self.started = self.last = time.monotonic()
+        self.start_bytes = done
+        self.publish()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS or (self.size and self.done >= self.size):
+            self.last = now
+            rate = (self.done - self.start_bytes) / max(now - self.started, 1e-6) / 1e6
+            share = f"{100 * self.done / self.size:.1f}%" if self.size else "?%"
+            self.log(
+                f"downloading {self.path}: {share} ({self.done / 1e6:.1f} of "
+                f"{self.size / 1e6:.1f} MB) at {rate:.1f} MB/s"
+            )
+            self.publish(rate)
+
+    def publish(self, rate: float = 0.0) -> None:
+        if Progress.state_file is None:
+            return
+        data = {
+            "file": self.path,
+            "bytes_done": self.done,
+            "bytes_total": self.size,
+            "percent": round(100 * self.done / self.size, 1) if self.size else None,
+            "mb_per_s": round(rate, 1),
+        }
+        tmp = Progress.state_file.with_name(Progress.state_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, Progress.state_file)
+        except OSError:
+            pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_with_retries(
+    hub: Hub, ref: ModelRef, commit: str, path: str, size: int, blob: Path
+) -> None:
+    """A cut transfer is resumed where it stopped (Range), a few times before giving up."""
+    for attempt in range(1, RETRIES + 1):
+        try:
+            hub.download(ref, commit, path, size, blob)
+            return
+        except HubUnreachable as exc:
+            if attempt == RETRIES:
+                raise HubError(
+                    f"could not download {path} from {hub.endpoint} after {RETRIES} tries "
+                    f"({exc}); the part already fetched is kept and resumed at the next start"
+                ) from None
+            hub.log(f"{exc}: retrying in {attempt * 2}s")
+            time.sleep(attempt * 2)
+
+
+def _download_checked(
+    hub: Hub, ref: ModelRef, commit: str, path: str, size: int, sha: str | None, blob: Path
+) -> None:
+    """Download and check against the Hub's SHA-256; a bad copy is fetched again once."""
+    for attempt in (1, 2):
+        _download_with_retries(hub, ref, commit, path, size, blob)
+        if sha is None or _sha256(blob) == sha:
+            return
+        blob.unlink()
+        if attempt == 1:
+            hub.log(f"{path} does not match the SHA-256 the Hub lists: fetching it again")
+    raise HubError(f"{path} from {ref.repo} does not match the SHA-256 the Hub lists for it")
+
+
+def fetch(ref: ModelRef, cache: Path, hub: Hub, runpod_caches: list[Path]) -> Path:
+    """The local path of the model's first file: from RunPod's cache, ours, or the Hub."""
+
+    def pick(names: list[str]) -> list[str]:
+        return choose(ref, names)
+
+    for runpod_cache in runpod_caches:
+        found = cached(runpod_cache, ref, pick)
+        if found is not None:
+            hub.log(f"using the model RunPod cached on this host: {found}")
+            return found
+    try:
+        commit, files = hub.listing(ref)
+    except HubUnreachable as exc:
+        found = cached(cache, ref, pick)
+        if found is None:
+            raise HubError(
+                f"the Hub ({hub.endpoint}) is unreachable ({exc}) and MODEL_REPO={ref.repo} "
+                f"is not in the cache at {cache} yet: check the network or HF_ENDPOINT"
+            ) from None
+        hub.log(f"the Hub is unreachable ({exc}): using the cached copy {found}")
+        return found
+    needed = choose(ref, list(files))
+    root = cache / ref.cache_name
+    snapshot = root / "snapshots" / commit
+    for path in needed:
+        size, sha = files.get(path, (0, None))
+        blob = root / "blobs" / (sha or hashlib.sha256(f"{commit}/{path}".encode()).hexdigest())
+        link = snapshot / path
+        if not blob.is_file():
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            _download_checked(hub, ref, commit, path, size, sha, blob)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    refs = root / "refs" / ref.revision  # a branch like pr/1 nests, as in the Hub's cache
+    refs.parent.mkdir(parents=True, exist_ok=True)
+    refs.write_text(commit)
+    return snapshot / needed[0]
