@@ -24,12 +24,12 @@ RUN apt-get update \
 
 # The base image sets LLAMA_ARG_HOST=0.0.0.0, which would publish llama-server itself;
 # blank it here (start.sh also removes it). DATA_DIR is deliberately not set: start.sh
-# detects /runpod-volume, /workspace or /data.
+# detects /runpod-volume, /workspace or /data. Nor is PORT_HEALTH: unset, it is PORT on
+# RunPod serverless (whose load balancer then probes PORT) and 8001 elsewhere.
 ENV LLAMA_ARG_HOST="" \
     LLAMA_SERVER_BIN=/app/llama-server \
     HOST=0.0.0.0 \
     PORT=8000 \
-    PORT_HEALTH=8001 \
     PORT_BACKEND=8090 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -39,10 +39,10 @@ COPY scripts/ /opt/llama-gguf-inference/scripts/
 
 EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
-# Replaces the base image's check of port 8080. 204 (loading) counts as alive here;
-# start-period covers slow model loads.
+# Replaces the base image's check of port 8080: the probe port as the gateway resolves it.
+# 204 (downloading, loading) counts as alive here; start-period covers slow model loads.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ping' % os.environ.get('PORT_HEALTH', '8001'), timeout=4)"]
+    CMD ["python3", "/opt/llama-gguf-inference/scripts/health_server.py", "--probe"]
 
 ENTRYPOINT ["/usr/bin/tini", "--", "/opt/llama-gguf-inference/scripts/start.sh"]
 CMD []

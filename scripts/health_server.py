@@ -29,6 +29,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from gguf_gateway.config import Config, ConfigError
 from gguf_gateway.readiness import PROBE_STATUS
 
 CONNECTION_TIMEOUT = 2.0
@@ -118,25 +119,45 @@ class HealthServer(ThreadingHTTPServer):
             self._slots.release()
 
 
+def probe() -> int:
+    """The image's HEALTHCHECK: ask the probe port, wherever the settings put it."""
+    try:
+        port = Config.from_env().port_health
+    except ConfigError as exc:
+        print(f"health: {exc}", file=sys.stderr)
+        return 1
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=4)
+    try:
+        conn.request("GET", "/ping")
+        status = conn.getresponse().status
+    except OSError as exc:
+        print(f"health: 127.0.0.1:{port}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    return 0 if status in (200, 204) else 1
+
+
 def main() -> int:
-    host = os.environ.get("HOST", "").strip() or "0.0.0.0"
-    raw_port = os.environ.get("PORT_HEALTH", "").strip() or "8001"
-    mode = os.environ.get("HEALTH_MODE", "").strip().lower() or "ready"
-    if not raw_port.isdigit() or not 0 <= int(raw_port) <= 65535:
-        print(f"health: PORT_HEALTH={raw_port!r}: expected a TCP port", file=sys.stderr)
+    # Host and ports as the gateway reads them (one set of rules, in config.py).
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"health: configuration error: {exc}", file=sys.stderr)
         return 2
+    mode = os.environ.get("HEALTH_MODE", "").strip().lower() or "ready"
     if mode not in ("ready", "static"):
         print(f"health: HEALTH_MODE={mode!r}: expected ready or static", file=sys.stderr)
         return 2
-    gateway_port = os.environ.get("PORT", "8000").strip() or "8000"
     HealthHandler.static = mode == "static"
     HealthHandler.state_file = os.environ.get("GATEWAY_STATE_FILE", "").strip()
-    HealthHandler.gateway_port = int(gateway_port) if gateway_port.isdigit() else 8000
+    HealthHandler.gateway_port = config.port
     try:
-        server = HealthServer((host, int(raw_port)))
+        server = HealthServer((config.host, config.port_health))
     except OSError as exc:
         print(
-            f"health: cannot listen on {host}:{raw_port} ({exc.strerror}): is PORT_HEALTH in use?",
+            f"health: cannot listen on {config.host}:{config.port_health} ({exc.strerror}): "
+            "is PORT_HEALTH in use?",
             file=sys.stderr,
         )
         return 2
@@ -148,4 +169,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(probe() if sys.argv[1:] == ["--probe"] else main())

@@ -64,13 +64,17 @@ def test_dockerfile_contract() -> None:
     names = [name for name, _ in instructions()]
     assert "DATA_DIR" not in env, "a baked DATA_DIR defeats platform detection"
     assert env["LLAMA_ARG_HOST"] == "", "the base image's LLAMA_ARG_HOST=0.0.0.0 must not leak"
-    assert (env["PORT"], env["PORT_HEALTH"], env["PORT_BACKEND"]) == ("8000", "8001", "8090")
+    assert (env["PORT"], env["PORT_BACKEND"]) == ("8000", "8090")
+    # Unset, PORT_HEALTH follows the platform (RunPod serverless: PORT): never baked in.
+    assert "PORT_HEALTH" not in env
     assert exec_form("ENTRYPOINT")[:2] == ["/usr/bin/tini", "--"]
     assert exec_form("ENTRYPOINT")[2] == f"{IMAGE_SCRIPTS}/start.sh"
     assert "EXPOSE" in names and "8000" in dict(instructions())["EXPOSE"]
     assert dict(instructions())["STOPSIGNAL"] == "SIGTERM"
     healthcheck = dict(instructions())["HEALTHCHECK"]
-    assert "PORT_HEALTH" in healthcheck and "8080" not in healthcheck
+    assert (
+        "health_server.py" in healthcheck and "--probe" in healthcheck and "8080" not in healthcheck
+    )
     assert re.search(r"ARG LLAMA_CPP_TAG=server-cuda-b\d+", DOCKERFILE)
     # COPY keeps file modes: the entrypoint and the commands users run must be executable.
     for script in ("start.sh", "gateway.py", "health_server.py", "key_mgmt.py", "usage_report.py"):
@@ -118,7 +122,7 @@ def test_image_entrypoint_boots_serves_and_stops_like_docker(
         # llama-server listens on loopback only, whatever LLAMA_ARG_HOST said.
         assert listen_addresses(backend) == {"127.0.0.1"}
 
-        check = exec_form("HEALTHCHECK")
+        check = [a.replace(IMAGE_SCRIPTS, str(ROOT / "scripts")) for a in exec_form("HEALTHCHECK")]
         assert subprocess.run(check, env=env, timeout=10).returncode == 0
 
         started = time.monotonic()
