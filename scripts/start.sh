@@ -25,7 +25,9 @@ KEY_COUNT=0
 TICKER_PID=""
 HEALTH_PID=""
 FETCH_PID=""
-LLAMA_PID=""
+LLAMA_PIDS=() # one per backend
+BACKEND_COUNT=1
+GPUS=() # the GPUs the backends are spread over (auto or several backends)
 GATEWAY_PID=""
 RUN_DIR=""
 STATE_FILE=""
@@ -101,8 +103,12 @@ validate_settings() {
 # the gateway then answers the probes itself. The backend's port is loopback-only and
 # must differ from both.
 check_port_roles() {
-  if [[ "$PORT_BACKEND" == "$PORT" || "$PORT_BACKEND" == "$PORT_HEALTH" ]]; then
-    die_config "PORT_BACKEND=$PORT_BACKEND must differ from PORT=$PORT and PORT_HEALTH=$PORT_HEALTH"
+  local last=$((PORT_BACKEND + BACKEND_COUNT - 1))
+  if ((last > 65535)); then
+    die_config "PORT_BACKEND=$PORT_BACKEND with BACKENDS=$BACKEND_COUNT runs past port 65535"
+  fi
+  if ((PORT >= PORT_BACKEND && PORT <= last)) || ((PORT_HEALTH >= PORT_BACKEND && PORT_HEALTH <= last)); then
+    die_config "PORT_BACKEND=$PORT_BACKEND (to $last for BACKENDS=$BACKEND_COUNT) must not include PORT=$PORT or PORT_HEALTH=$PORT_HEALTH"
   fi
 }
 
@@ -131,15 +137,50 @@ check_extra_args() {
   done
 }
 
-# check_ports: each of PORT, PORT_HEALTH, PORT_BACKEND must be free (one bind test each,
+# backend_ports: PORT_BACKEND, PORT_BACKEND + 1, ... one per backend.
+backend_ports() { seq "$PORT_BACKEND" $((PORT_BACKEND + BACKEND_COUNT - 1)); }
+
+# gpu_ids: the GPUs visible to the container, one index per line (CUDA_VISIBLE_DEVICES
+# when set, else what nvidia-smi lists; none on a CPU-only machine).
+gpu_ids() {
+  if [[ -v CUDA_VISIBLE_DEVICES ]]; then
+    tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | sed '/^$/d'
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true
+  fi
+}
+
+# resolve_backends: BACKEND_COUNT from BACKENDS (auto: one per visible GPU) and GPUS, the
+# GPUs backend i picks from (i modulo their count). One backend sees every GPU as before.
+resolve_backends() {
+  mapfile -t GPUS < <(gpu_ids)
+  case "${BACKENDS:-1}" in
+    auto) BACKEND_COUNT=$((${#GPUS[@]} > 0 ? ${#GPUS[@]} : 1)) ;;
+    *)
+      require_uint BACKENDS 1 64
+      BACKEND_COUNT=$((10#${BACKENDS:-1}))
+      ;;
+  esac
+  if [[ "$MODEL_MODE" == "router" ]] && ((BACKEND_COUNT > 1)); then
+    log "router mode runs one llama-server: BACKENDS=${BACKENDS} does not apply"
+    BACKEND_COUNT=1
+  fi
+  export BACKENDS="$BACKEND_COUNT"
+}
+
+# check_ports: each of PORT, PORT_HEALTH and the backend ports must be free (one bind test each,
 # in one interpreter start: this runs before the health responder exists).
 check_ports() {
   local busy
+  local -a backend_list
+  mapfile -t backend_list < <(backend_ports)
   busy="$(
-    python3 - "$PORT" "$PORT_HEALTH" "$PORT_BACKEND" <<'PY'
+    python3 - "$PORT" "$PORT_HEALTH" "${backend_list[@]}" <<'PY'
 import socket, sys
 seen = set()
-for name, port in zip(("PORT", "PORT_HEALTH", "PORT_BACKEND"), sys.argv[1:]):
+names = ["PORT", "PORT_HEALTH"] + [f"PORT_BACKEND+{i}" for i in range(len(sys.argv) - 3)]
+names[2] = "PORT_BACKEND"
+for name, port in zip(names, sys.argv[1:]):
     if port in seen:
         continue
     seen.add(port)
@@ -301,7 +342,7 @@ model_alias() {
   echo "${MODEL_ALIAS:-${base%-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]}}"
 }
 
-# llama_args MODELS_DIR KEY_FILE: prints the llama-server arguments, one per line.
+# llama_args MODELS_DIR KEY_FILE [PORT]: prints the llama-server arguments, one per line.
 llama_args() {
   local models_dir="$1" key_file="$2"
   if [[ "$MODEL_MODE" == "router" ]]; then
@@ -311,7 +352,7 @@ llama_args() {
     printf '%s\n' -m "$MODEL_FILE" --alias "$(model_alias)"
     [[ -n "$MMPROJ_FILE" ]] && printf '%s\n' --mmproj "$MMPROJ_FILE"
   fi
-  printf '%s\n' --host 127.0.0.1 --port "$PORT_BACKEND" --api-key-file "$key_file" --metrics --slots
+  printf '%s\n' --host 127.0.0.1 --port "${3:-$PORT_BACKEND}" --api-key-file "$key_file" --metrics --slots
   [[ -n "${NGL:-}" ]] && printf '%s\n' -ngl "$NGL"
   [[ -n "${CTX:-}" ]] && printf '%s\n' -c "$CTX"
   [[ -n "${PARALLEL:-}" ]] && printf '%s\n' -np "$PARALLEL"
@@ -326,6 +367,27 @@ llama_args() {
 # The base image and users may set these; the supervisor owns host, port and key.
 scrub_llama_env() {
   unset LLAMA_ARG_HOST LLAMA_ARG_PORT LLAMA_API_KEY LLAMA_ARG_API_KEY LLAMA_ARG_API_KEY_FILE
+}
+
+# start_llama_servers BIN KEY_FILE: one llama-server per backend, backend i on
+# PORT_BACKEND + i; with several, each sees one GPU (i modulo the visible ones).
+start_llama_servers() {
+  local bin="$1" key_file="$2" i port prefix
+  local -a args
+  log "starting $BACKEND_COUNT llama-server(s) (no load deadline: large models take minutes)"
+  for ((i = 0; i < BACKEND_COUNT; i++)); do
+    port=$((PORT_BACKEND + i))
+    mapfile -t args < <(llama_args "$MODELS_DIR" "$key_file" "$port")
+    prefix="[llama-server]"
+    ((BACKEND_COUNT > 1)) && prefix="[llama-server $i]"
+    if ((BACKEND_COUNT > 1 && ${#GPUS[@]})); then
+      CUDA_VISIBLE_DEVICES="${GPUS[i % ${#GPUS[@]}]}" \
+        "$bin" "${args[@]}" > >(sed -u "s/^/$prefix /" >&2) 2>&1 &
+    else
+      "$bin" "${args[@]}" > >(sed -u "s/^/$prefix /" >&2) 2>&1 &
+    fi
+    LLAMA_PIDS+=("$!")
+  done
 }
 
 # ---------------------------------------------------------------- keys and state
@@ -392,6 +454,14 @@ boot_diagnostics() {
   log "GPU:           $gpu"
   log "llama-server:  $bin ($version)"
   log "ports:         gateway $HOST:$PORT, health $health, backend 127.0.0.1:$PORT_BACKEND"
+  if ((BACKEND_COUNT > 1)); then
+    local i placement=""
+    for ((i = 0; i < BACKEND_COUNT; i++)); do
+      placement+=" 127.0.0.1:$((PORT_BACKEND + i))"
+      ((${#GPUS[@]})) && placement+="(GPU ${GPUS[i % ${#GPUS[@]}]})"
+    done
+    log "backends:      $BACKEND_COUNT llama-servers:$placement"
+  fi
   if [[ "$platform" == "vastai" ]]; then
     # Vast.ai maps each exposed port to a random external one: say which.
     local external_var="VAST_TCP_PORT_${PORT}" external
@@ -438,8 +508,7 @@ drain() {
   FETCH_PID=""
   stop_child "$GATEWAY_PID" "$((${DRAIN_TIMEOUT%.*} + 2))"
   GATEWAY_PID=""
-  stop_child "$LLAMA_PID" 5
-  LLAMA_PID=""
+  stop_llama_servers
   stop_child "$HEALTH_PID" 2
   HEALTH_PID=""
   cleanup
@@ -451,22 +520,41 @@ drain() {
 child_died() {
   local pid="$1" status="$2" name
   case "$pid" in
-    "$LLAMA_PID") name="llama-server" LLAMA_PID="" ;;
     "$GATEWAY_PID") name="gateway" GATEWAY_PID="" ;;
     "$HEALTH_PID") name="health responder" HEALTH_PID="" ;;
     "$FETCH_PID") name="model download" FETCH_PID="" ;;
     *) name="pid $pid" ;;
   esac
+  local i
+  for i in "${!LLAMA_PIDS[@]}"; do
+    if [[ "${LLAMA_PIDS[i]}" == "$pid" ]]; then
+      name="llama-server"
+      ((BACKEND_COUNT > 1)) && name+=" $i (port $((PORT_BACKEND + i)))"
+      unset 'LLAMA_PIDS[i]'
+    fi
+  done
   ((status == 0)) && status=1
   err "$name exited unexpectedly (status $status): stopping"
   set_state failed
   stop_child "$GATEWAY_PID" 3
-  stop_child "$LLAMA_PID" 5
+  stop_llama_servers
   # Let a probe see 503 before the health responder goes.
   sleep "${FAILED_HEALTH_GRACE:-1}"
   stop_child "$HEALTH_PID" 2
   cleanup
   exit "$status"
+}
+
+# stop_llama_servers: all of them at once (SIGTERM to each, then wait for each).
+stop_llama_servers() {
+  local pid
+  for pid in "${LLAMA_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${LLAMA_PIDS[@]}"; do
+    stop_child "$pid" 5
+  done
+  LLAMA_PIDS=()
 }
 
 cleanup_ticker() {
@@ -480,7 +568,7 @@ supervise() {
   local started=$SECONDS pid status state
   local -a children=()
   [[ -n "$HEALTH_PID" ]] && children+=("$HEALTH_PID")
-  children+=("$LLAMA_PID" "$GATEWAY_PID")
+  children+=("${LLAMA_PIDS[@]}" "$GATEWAY_PID")
   while true; do
     # The ticker is a child like the others; it never outlives the script (cleanup).
     sleep 10 &
@@ -514,13 +602,14 @@ main() {
   # The gateway validates its settings and the keys, and resolves the platform, DATA_DIR
   # and PORT_HEALTH's default; fail before anything starts.
   load_facts
-  check_port_roles
   export MODELS_DIR="${MODELS_DIR:-$DATA_DIR/models}" LOG_DIR="${LOG_DIR:-$DATA_DIR/logs}"
   export AUTH_KEYS_FILE="${AUTH_KEYS_FILE:-$DATA_DIR/api_keys.txt}"
   mkdir -p "$MODELS_DIR" "$LOG_DIR" 2>/dev/null || true
 
   bin="$(resolve_llama_bin)"
   resolve_model "$MODELS_DIR"
+  resolve_backends
+  check_port_roles
   check_ports
   scrub_llama_env
 
@@ -557,11 +646,7 @@ main() {
   # llama-server never sees the Hub token: the model is on the volume by now.
   unset HF_TOKEN
 
-  local -a args
-  mapfile -t args < <(llama_args "$MODELS_DIR" "$key_file")
-  log "starting llama-server (no load deadline: large models take minutes)"
-  "$bin" "${args[@]}" > >(sed -u 's/^/[llama-server] /' >&2) 2>&1 &
-  LLAMA_PID=$!
+  start_llama_servers "$bin" "$key_file"
 
   supervise
 }

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -414,3 +415,90 @@ def health_of(stack: Stack) -> dict[str, Any]:
         return {}
     result: dict[str, Any] = json.loads(body) if body else {}
     return result
+
+
+def routed(stack: Stack) -> list[int]:
+    """Requests the gateway has routed to each backend so far."""
+    status, body = http_get(stack.port, "/metrics?format=json")
+    counts = json.loads(body)["backend_requests_total"]
+    return [counts.get(str(i), 0) for i in range(len(counts))]
+
+
+LONG_SYSTEM = "You answer questions about the sea, briefly and kindly. " * 20
+
+
+def ask(stack: Stack, user: str, tokens: int = 4, system: str = LONG_SYSTEM) -> int:
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0)
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+        max_tokens=tokens,
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.usage is not None
+    return reply.usage.completion_tokens
+
+
+def test_two_backends_share_the_load_and_keep_long_prefixes_together(
+    data_dir: Path, tmp_path: Path, stacks: list[Stack]
+) -> None:
+    stack = start_stack(stacks, data_dir, tmp_path, BACKENDS="2", PARALLEL="1", CTX="4096")
+    wait_until(lambda: stack.health_status() == 200, 60, "health 200")
+    health = health_of(stack)
+    assert [b["state"] for b in health["backends"]] == ["ready", "ready"]
+    assert health["slots"]["total"] == 2
+    # A shared long prefix goes where it went before (llama-server's prompt cache).
+    before = routed(stack)
+    for question in ("tides?", "waves?", "salt?"):
+        ask(stack, question)
+    after = routed(stack)
+    assert sorted(a - b for a, b in zip(after, before)) == [0, 3]
+    # Two at once with the same prefix: the warm backend is full, the other one takes it.
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda q: ask(stack, q, tokens=400), ("deep?", "far?")))
+    final = routed(stack)
+    assert [f - a for f, a in zip(final, after)] == [1, 1]
+    assert "backends:      2 llama-servers" in stack.proc.log()
+
+
+def test_one_of_two_backends_dying_ends_the_container_and_drain_waits_for_both(
+    data_dir: Path, tmp_path: Path, stacks: list[Stack]
+) -> None:
+    stack = start_stack(
+        stacks, data_dir, tmp_path, BACKENDS="2", PARALLEL="1", CTX="8192", DRAIN_TIMEOUT="60"
+    )
+    wait_until(lambda: stack.health_status() == 200, 60, "health 200")
+    # Drain: a stream on each backend, SIGTERM while both run; both end with [DONE].
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0)
+
+    def stream(user: str) -> str | None:
+        """How the stream ended: "length" when all its tokens came."""
+        chunks = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": user}],
+            max_tokens=1500,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        finish = None
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+        return finish
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(stream, "one"), pool.submit(stream, "two")]
+        wait_until(lambda: sum(b["in_use"] for b in health_of(stack)["backends"]) == 2, 30, "two")
+        stack.proc.signal(signal.SIGTERM)
+        assert [r.result() for r in runs] == ["length", "length"]
+    assert stack.proc.wait(60) == 0
+    # One backend killed: the container goes with it.
+    again = start_stack(stacks, data_dir, tmp_path, BACKENDS="2", PARALLEL="1")
+    wait_until(lambda: again.health_status() == 200, 60, "health 200")
+    found = subprocess.run(
+        ["pgrep", "-f", "--", f"--port {again.backend + 1}"], capture_output=True, text=True
+    )
+    os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
+    assert again.proc.wait(20) == 128 + signal.SIGKILL
+    assert "llama-server 1 (port" in again.proc.log()
+    assert not children_of(again.proc.pid)

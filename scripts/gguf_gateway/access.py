@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 from .config import Config
 from .http11 import RequestHead
@@ -19,6 +20,7 @@ from .limits import KeyLimits, Reservation
 from .refusals import Refusal, retry_headers
 from .responses import Responder
 from .routes import Route
+from .shared_limits import SharedLimits
 
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-API-Key, X-Request-ID, OpenAI-Organization, OpenAI-Project"
@@ -31,9 +33,10 @@ CORS_EXPOSE = (
 
 
 class AccessControl:
-    def __init__(self, config: Config, keys: KeySource) -> None:
+    def __init__(self, config: Config, keys: KeySource, shared: SharedLimits | None = None) -> None:
         self.config = config
         self.keys = keys
+        self.shared = shared  # REDIS_URL: limits shared by every replica
         self.key_limits: dict[str, KeyLimits] = {}
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
@@ -116,15 +119,23 @@ class AccessControl:
             limits.update(rpm, key.tpm, key.concurrency)
         return limits
 
-    def enter(self, key: ApiKey, limits: KeyLimits, out: Responder) -> None:
+    async def enter(self, key: ApiKey, limits: KeyLimits, out: Responder) -> Ticket:
         """Count the request against the key's rate and take a concurrent place, or refuse.
 
-        The place is taken here, at the check, with no await in between; the caller
-        gives it back with ``limits.leave()`` whatever happens to the request.
+        Each place is taken at its check: locally with no await in between, in Redis by
+        one atomic script. The caller gives them back with ``leave`` whatever happens.
         """
+        ticket = Ticket(key.key_id, limits)
         now = time.monotonic()
-        wait = limits.requests.try_take(now)
-        out.ex.rate_headers = limits.headers(now)
+        shared = (
+            await self.shared.take_request(key.key_id, limits.requests.limit)
+            if self.shared
+            else None
+        )
+        wait = shared[0] if shared is not None else 0.0
+        if not wait:
+            wait = limits.requests.try_take(now)  # kept locally too: a warm fallback
+        out.ex.rate_headers = limits.headers(now, shared_requests=shared[1] if shared else None)
         if wait:
             raise Refusal(
                 429,
@@ -132,26 +143,57 @@ class AccessControl:
                 "rate",
                 headers=retry_headers(wait),
             )
+        if limits.concurrency is not None and self.shared is not None:
+            lease = await self.shared.enter(key.key_id, limits.concurrency)
+            if lease is False:
+                raise self._busy(key, limits)
+            ticket.lease = lease if isinstance(lease, str) else None
         if not limits.enter():
-            raise Refusal(
-                429,
-                f"key '{key.key_id}' already has {limits.concurrency} request(s) running",
-                "concurrency",
-                headers=retry_headers(1.0),
-                code="concurrency_limit_exceeded",
-            )
+            await self.leave(ticket)
+            raise self._busy(key, limits)
+        ticket.local = True
+        return ticket
+
+    async def leave(self, ticket: Ticket) -> None:
+        if ticket.local:
+            ticket.limits.leave()
+            ticket.local = False
+        if ticket.lease is not None and self.shared is not None:
+            await self.shared.leave(ticket.lease)
+            ticket.lease = None
 
     @staticmethod
-    def reserve_tokens(limits: KeyLimits, tokens: int, out: Responder) -> Reservation | None:
+    def _busy(key: ApiKey, limits: KeyLimits) -> Refusal:
+        return Refusal(
+            429,
+            f"key '{key.key_id}' already has {limits.concurrency} request(s) running",
+            "concurrency",
+            headers=retry_headers(1.0),
+            code="concurrency_limit_exceeded",
+        )
+
+    async def reserve_tokens(self, ticket: Ticket, tokens: int, out: Responder) -> None:
         """Reserve ``tokens`` (the request's upper bound) in the key's window, or refuse."""
+        limits = ticket.limits
         if limits.tokens is None:
-            return None
+            return
         now = time.monotonic()
-        got = limits.tokens.try_reserve(tokens, now)
-        out.ex.rate_headers = limits.headers(now)
+        shared = (
+            await self.shared.reserve(ticket.key_id, tokens, limits.tokens.limit)
+            if self.shared
+            else None
+        )
+        got: Reservation | float = shared[1] if shared is not None and shared[0] is None else 0.0
+        if shared is not None:
+            ticket.shared_reservation = shared[0]
+        if not got:
+            got = limits.tokens.try_reserve(tokens, now)
+        out.ex.rate_headers = limits.headers(now, shared_tokens=shared[2] if shared else None)
         if isinstance(got, Reservation):
-            return got
-        key_id = out.ex.key_id
+            ticket.reservation = got
+            return
+        await self.shared_settle(ticket, 0)  # refused here after all: give the shared place back
+        key_id = ticket.key_id
         message = (
             f"this request could use up to {tokens} tokens, more than key '{key_id}' may use "
             f"per minute ({limits.tokens.limit}): lower max_tokens, n or the prompt"
@@ -159,6 +201,29 @@ class AccessControl:
             else f"token limit: {limits.tokens.limit} tokens per minute for key '{key_id}'"
         )
         raise Refusal(429, message, "tokens", headers=retry_headers(got), code="tokens_exceeded")
+
+    async def settle(self, ticket: Ticket, tokens: int) -> None:
+        """The request is over: its reservation holds what it really used."""
+        if ticket.reservation is not None:
+            ticket.reservation.tokens = tokens
+        await self.shared_settle(ticket, tokens)
+
+    async def shared_settle(self, ticket: Ticket, tokens: int) -> None:
+        if ticket.shared_reservation is not None and self.shared is not None:
+            await self.shared.settle(ticket.key_id, ticket.shared_reservation, tokens)
+            ticket.shared_reservation = None
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What one request holds of its key's limits, to give back or settle when it ends."""
+
+    key_id: str
+    limits: KeyLimits
+    local: bool = False  # a local concurrent place
+    lease: str | None = None  # a concurrency lease in Redis
+    reservation: Reservation | None = None
+    shared_reservation: str | None = None
 
 
 def _unauthorized(message: str, code: str | None = None) -> Refusal:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,33 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _redis_url(env: Mapping[str, str]) -> str:
+    raw = env.get("REDIS_URL", "").strip()
+    if not raw:
+        return ""
+    parts = urllib.parse.urlsplit(raw)
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError("REDIS_URL: the port is not a number") from None
+    if (
+        parts.scheme != "redis"
+        or not parts.hostname
+        or not (parts.path.strip("/") or "0").isdigit()
+    ):
+        # Never echo it: the URL may carry a password.
+        raise ConfigError("REDIS_URL: expected redis://[:password@]host[:port][/db]")
+    return raw
+
+
+def _backends(env: Mapping[str, str]) -> int:
+    """BACKENDS: a count; "auto" is resolved to one per GPU by the supervisor."""
+    raw = env.get("BACKENDS", "").strip().lower()
+    if raw in ("", "auto"):
+        return 1
+    return _int(env, "BACKENDS", 1, minimum=1)
+
+
 def _path(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip() or default
     if not raw.startswith("/") or any(c in raw for c in "?# \t"):
@@ -139,6 +167,7 @@ class Config:
     health_check_path: str = "/ping"
     backend_host: str = "127.0.0.1"
     port_backend: int = 8090
+    backends: int = 1  # llama-servers on port_backend, port_backend + 1, ...
     backend_api_key: str = ""
 
     auth_enabled: bool = True
@@ -167,6 +196,8 @@ class Config:
     drain_timeout: float = 8.0
 
     allow_remote_media: bool = False
+    redis_url: str = ""  # empty: limits in memory, per replica
+    redis_lease_seconds: float = 30.0
     cors_origins: tuple[str, ...] = ()
     metrics_auth_enabled: bool = False
     log_level: str = "INFO"
@@ -196,6 +227,7 @@ class Config:
             port_health=_port(env, "PORT_HEALTH", default_health_port(env)),
             health_check_path=_path(env, "HEALTH_CHECK_PATH", "/ping"),
             port_backend=_port(env, "PORT_BACKEND", 8090),
+            backends=_backends(env),
             backend_api_key=env.get("BACKEND_API_KEY", ""),
             auth_enabled=_bool(env, "AUTH_ENABLED", True),
             auth_keys_file=Path(env.get("AUTH_KEYS_FILE", "").strip() or data_dir / "api_keys.txt"),
@@ -223,6 +255,8 @@ class Config:
             ),
             metrics_auth_enabled=_bool(env, "METRICS_AUTH_ENABLED", False),
             allow_remote_media=_bool(env, "ALLOW_REMOTE_MEDIA", False),
+            redis_url=_redis_url(env),
+            redis_lease_seconds=_seconds(env, "REDIS_LEASE_SECONDS", 30.0),
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             event_loop=_choice(env, "EVENT_LOOP", "asyncio", ("asyncio", "uvloop")),

@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .readiness import FAILED, PROBE_STATUS, READY, Readiness
 from .responses import Responder
 from .routes import Route
+from .shared_limits import SharedLimits
 
 BACKEND_METRICS_TTL = 2.0
 
@@ -36,6 +37,8 @@ class LocalEndpoints:
         self.metrics = metrics
         self.readiness = readiness
         self.admission = admission
+        # The shared limiter (REDIS_URL), set by the gateway; None: limits in memory.
+        self.limiter: Callable[[], SharedLimits | None] = lambda: None
         self._backend_metrics_at = -BACKEND_METRICS_TTL
         self._backend_metrics_text = ""
 
@@ -64,6 +67,9 @@ class LocalEndpoints:
             status = 200 if self.readiness.ready else 503
             return out.send(status, body, keep_alive=keep, head_only=head_only)
         self.metrics.backend_up = 1 if self.readiness.backend == READY else 0
+        self.metrics.backend_requests = {b.index: b.served for b in self.readiness.backends}
+        shared = self.limiter()
+        self.metrics.limiter_up = 1 if shared is not None and shared.up else 0
         self.metrics.queue_depth = admission.waiting if (admission := self.admission()) else 0
         if "format=json" in head.query.split("&"):
             body = json.dumps(self.metrics.as_json()).encode()
@@ -97,6 +103,13 @@ class LocalEndpoints:
         self._backend_metrics_text = body.decode("utf-8", "replace") if status == 200 else ""
         return self._backend_metrics_text
 
+    def _limiter_state(self) -> dict[str, object]:
+        shared = self.limiter()
+        if shared is None:
+            return {"store": "memory", "shared": False}
+        # Redis down: each replica limits on its own until it is back.
+        return {"store": "redis", "shared": shared.up, "up": shared.up}
+
     def health(self) -> dict[str, object]:
         r = self.readiness
         admission = self.admission()
@@ -110,6 +123,11 @@ class LocalEndpoints:
             "uptime_seconds": round(time.monotonic() - r.started, 1),
             "version": VERSION,
             "platform": self.config.platform,
+            "limiter": self._limiter_state(),
+            "backends": [
+                {"index": b.index, "state": b.state, "slots": b.slots, "in_use": b.in_use}
+                for b in r.backends
+            ],
         }
         download = r.download()
         if download is not None:

@@ -142,16 +142,28 @@ class KeyLimits:
             self.tokens = TokenWindow(tpm) if tpm else None
         self.concurrency = concurrency
 
-    def headers(self, now: float) -> list[tuple[str, str]]:
+    def headers(
+        self,
+        now: float,
+        shared_requests: int | None = None,
+        shared_tokens: int | None = None,
+    ) -> list[tuple[str, str]]:
+        """OpenAI's x-ratelimit-* headers; ``shared_*``: counts over every replica (Redis)."""
+        remaining = self.requests.remaining(now)
+        if shared_requests is not None:
+            remaining = min(remaining, max(0, self.requests.limit - shared_requests))
         out = [
             ("x-ratelimit-limit-requests", str(self.requests.limit)),
-            ("x-ratelimit-remaining-requests", str(self.requests.remaining(now))),
+            ("x-ratelimit-remaining-requests", str(remaining)),
             ("x-ratelimit-reset-requests", duration(self.requests.reset_in(now))),
         ]
         if self.tokens is not None:
+            left = self.tokens.remaining(now)
+            if shared_tokens is not None:
+                left = min(left, max(0, self.tokens.limit - shared_tokens))
             out += [
                 ("x-ratelimit-limit-tokens", str(self.tokens.limit)),
-                ("x-ratelimit-remaining-tokens", str(self.tokens.remaining(now))),
+                ("x-ratelimit-remaining-tokens", str(left)),
                 ("x-ratelimit-reset-tokens", duration(self.tokens.reset_in(now))),
             ]
         return out

@@ -65,6 +65,8 @@ class Metrics:
         self.in_flight = 0
         self.queue_depth = 0
         self.backend_up = 0
+        self.backend_requests: dict[int, int] = {}  # backend index -> requests routed there
+        self.limiter_up = 0
         self.duration = Histogram(DURATION_BUCKETS)
         self.ttfb = Histogram(TTFB_BUCKETS)
 
@@ -113,6 +115,15 @@ class Metrics:
         out.append(f"gateway_client_disconnects_total {self.client_disconnects}")
         family("gateway_backend_up", "gauge", "1 when llama-server is ready.")
         out.append(f"gateway_backend_up {self.backend_up}")
+        family("gateway_backend_requests_total", "counter", "Requests routed to each llama-server.")
+        for index, n in sorted(self.backend_requests.items()):
+            out.append(f'gateway_backend_requests_total{{backend="{index}"}} {n}')
+        family(
+            "gateway_limiter_up",
+            "gauge",
+            "1 when REDIS_URL is set and Redis answers (limits shared by every replica).",
+        )
+        out.append(f"gateway_limiter_up {self.limiter_up}")
         text = "\n".join(out) + "\n"
         return text + extra
 
@@ -133,4 +144,6 @@ class Metrics:
             "backend_errors_total": dict(sorted(self.backend_errors.items())),
             "client_disconnects_total": self.client_disconnects,
             "backend_up": self.backend_up,
+            "backend_requests_total": {str(i): n for i, n in sorted(self.backend_requests.items())},
+            "limiter_up": self.limiter_up,
         }

@@ -22,13 +22,14 @@ import uuid
 from dataclasses import dataclass
 
 from . import bodies, tokens
-from .access import AccessControl
+from .access import AccessControl, Ticket
+from .backends import prefix_key
 from .client import ClientConnection, ClientGone
 from .config import Config
 from .endpoints import LocalEndpoints
 from .http11 import HttpError, RequestHead, request_bytes
 from .keys import ApiKey
-from .limits import Admission, KeyLimits, QueueFull, QueueTimeout, Reservation
+from .limits import Admission, QueueFull, QueueTimeout
 from .proxy import Forward, Relay, Shape
 from .readiness import LOADING, Readiness
 from .refusals import Refusal, bad_request, unavailable
@@ -74,10 +75,12 @@ class Pipeline:
         self.endpoints = endpoints
         self.relay = relay
         self.admission = admission
+        self.backends = readiness.backends
         # Single-port mode: the probe contract on /ping and on RunPod's HEALTH_CHECK_PATH.
         self._probe_paths = (
             frozenset({"/ping", config.health_check_path}) if config.single_port else frozenset()
         )
+        # One Host for every backend: llama-server does not route on it.
         self._backend_host = f"{config.backend_host}:{config.port_backend}"
         self._backend_auth = f"Bearer {config.backend_api_key}" if config.backend_api_key else ""
 
@@ -150,12 +153,11 @@ class Pipeline:
             raise unavailable("the model is still loading; retry shortly", "loading", 5)
         if key is None:
             return await self._with_body(conn, head, route, out, None, None)
-        limits = self.access.limits_for(key)
-        self.access.enter(key, limits, out)
+        ticket = await self.access.enter(key, self.access.limits_for(key), out)
         try:
-            return await self._with_body(conn, head, route, out, key, limits)
+            return await self._with_body(conn, head, route, out, key, ticket)
         finally:
-            limits.leave()
+            await self.access.leave(ticket)
 
     async def _with_body(
         self,
@@ -164,7 +166,7 @@ class Pipeline:
         route: Route,
         out: Responder,
         key: ApiKey | None,
-        limits: KeyLimits | None,
+        ticket: Ticket | None,
     ) -> Outcome:
         ring = self.access.keys.ring
         body = await conn.read_body(head, self.config.client_body_timeout)
@@ -172,16 +174,18 @@ class Pipeline:
         if key is not None:
             self.access.still_valid(key, ring)
         forward, plan = self._prepare(head, route, out, body)
-        reservation: Reservation | None = None
-        if limits is not None and route.admitted:
-            reservation = self.access.reserve_tokens(limits, plan.tokens, out)
+        reserved = ticket is not None and route.admitted and ticket.limits.tokens is not None
+        if reserved:
+            assert ticket is not None
+            await self.access.reserve_tokens(ticket, plan.tokens, out)
         try:
             if not route.admitted:
-                return Outcome(await self.relay.run(out, forward))
+                return Outcome(await self.relay.run(out, forward, self.backends.any()))
             return Outcome(await self._admitted(conn, out, forward, plan))
         finally:
-            if reservation is not None:
-                reservation.tokens = self._settled(out.ex, reservation.tokens)
+            if reserved:
+                assert ticket is not None
+                await self.access.settle(ticket, self._settled(out.ex, plan.tokens))
 
     def _prepare(
         self, head: RequestHead, route: Route, out: Responder, body: bytes
@@ -190,6 +194,7 @@ class Pipeline:
         slot_ctx = self.readiness.ctx or 4096
         shape, strip_usage = Shape.PLAIN, False
         plan = tokens.Plan(1, slot_ctx)
+        affinity: bytes | None = None
         if head.method == "POST":
             if not body:
                 raise bad_request("request body is empty: send a JSON object", "body")
@@ -197,8 +202,10 @@ class Pipeline:
             bodies.inspect(payload, self.config.allow_remote_media)
             model = payload.get("model")
             out.ex.model = model if isinstance(model, str) else None
-            if route.admitted:  # only requests that take a slot are planned
+            if route.admitted:  # only requests that take a slot are planned and routed
                 plan = tokens.plan(route.path, payload, len(body), slot_ctx)
+                if len(self.backends) > 1:
+                    affinity = prefix_key(payload)
             changed = tokens.strip_server_fields(payload)
             streamed = payload.get("stream") is True
             if streamed:
@@ -220,7 +227,9 @@ class Pipeline:
             if changed:
                 body = json.dumps(payload).encode()
         request = self._backend_request(head, route, body, out.ex.request_id)
-        forward = Forward(request, shape, route.path, head.keep_alive, head.http11, strip_usage)
+        forward = Forward(
+            request, shape, route.path, head.keep_alive, head.http11, strip_usage, affinity
+        )
         return forward, plan
 
     async def _admitted(
@@ -228,15 +237,17 @@ class Pipeline:
     ) -> bool:
         """Wait for enough slots, then relay while watching the client for a disconnect."""
         admission = self.admission()
+        # Every task of a request runs on the one backend it is sent to.
+        most = min(admission.limit, self.backends.most_slots or admission.limit)
         slots = plan.tasks
-        if slots > admission.limit:
+        if slots > most:
             if forward.path in tokens.INPUT_ONLY:
                 # A batch of embeddings runs on every slot in turn: it takes them all.
-                slots = admission.limit
+                slots = most
             else:
                 raise bad_request(
                     f"this request asks for {slots} generations at once (n times prompts); "
-                    f"the server runs at most {admission.limit}",
+                    f"the server runs at most {most}",
                     "slots",
                     param="n",
                 )
@@ -255,9 +266,11 @@ class Pipeline:
                 raise unavailable(message, "queue_key_full" if exc.per_key else "queue_full")
             except QueueTimeout:
                 raise unavailable("waited too long for a slot", "queue_timeout") from None
+            backend = self.backends.pick(slots, forward.affinity)
             try:
-                return await self.relay.run(out, forward)
+                return await self.relay.run(out, forward, backend)
             finally:
+                self.backends.release(backend, slots)
                 admission.release(slots)
         except asyncio.CancelledError:
             if not watch.gone:

@@ -31,12 +31,12 @@ from .backend import (
     BACKEND_LIMITS,
     READ_SIZE,
     BackendConnection,
-    BackendPool,
     BackendUnavailable,
 )
 from .config import Config
 from .errors import sse_error_event
 from .http11 import LAST_CHUNK, ChunkedDecoder, HttpError, ResponseHead, chunk
+from .backends import Backend
 from .pipe import BackendClosed, PipeEvent, StreamPipe
 from .readiness import Readiness
 from .refusals import Refusal
@@ -65,6 +65,7 @@ class Forward:
     keep_alive: bool  # the client's connection may be reused afterwards
     http11: bool  # the client speaks HTTP/1.1 (chunked) rather than 1.0
     strip_usage: bool  # drop usage-only chunks the client did not ask for
+    affinity: bytes | None = None  # the prompt's prefix key, for routing to a warm cache
 
 
 def backend_failure(status: int, message: str, kind: str) -> Refusal:
@@ -112,31 +113,45 @@ def uncancel() -> None:
 
 
 class Relay:
-    def __init__(self, config: Config, pool: BackendPool, readiness: Readiness) -> None:
+    """Relays requests to one backend at a time: the one the pipeline's router chose."""
+
+    def __init__(self, config: Config, readiness: Readiness) -> None:
         self.config = config
-        self.pool = pool
         self.readiness = readiness
 
-    async def run(self, out: Responder, fwd: Forward) -> bool:
+    async def run(self, out: Responder, fwd: Forward, backend: Backend) -> bool:
         """Relay one request; returns whether the client connection may be kept alive.
 
         Raises Refusal for a failure before the client has a response head.
         """
+        leg = _Leg(self, backend)
         if fwd.shape is Shape.STREAM:
-            return await self._stream(out, fwd)
-        bconn, bhead = await self._head(fwd.request, out)
+            return await leg.stream(out, fwd)
+        bconn, bhead = await leg.head(fwd.request, out)
         if fwd.shape is Shape.ASSEMBLED and bhead.status == 200 and bhead.chunked:
-            return await self._assembled(out, fwd, bconn)
-        return await self._whole(out, bconn, bhead, fwd.keep_alive)
+            return await leg.assembled(out, fwd, bconn)
+        return await leg.whole(out, bconn, bhead, fwd.keep_alive)
+
+
+class _Leg:
+    """One request's way to the backend the router chose and back."""
+
+    __slots__ = ("config", "readiness", "backend", "pool")
+
+    def __init__(self, relay: Relay, backend: Backend) -> None:
+        self.config = relay.config
+        self.readiness = relay.readiness
+        self.backend = backend
+        self.pool = backend.pool
 
     # ------------------------------------------------------------------ shared steps
 
     def _unreachable(self, out: Responder, exc: Exception) -> Refusal:
-        self.readiness.backend_failed()
+        self.readiness.backend_failed(self.backend)
         log.warning("%s llama-server unreachable: %s", out.ex.request_id, exc)
         return backend_failure(502, "llama-server is not reachable", "unavailable")
 
-    async def _head(self, request: bytes, out: Responder) -> tuple[BackendConnection, ResponseHead]:
+    async def head(self, request: bytes, out: Responder) -> tuple[BackendConnection, ResponseHead]:
         try:
             async with asyncio.timeout(self.config.first_byte_timeout):
                 bconn, bhead = await self.pool.exchange(request)
@@ -163,7 +178,7 @@ class Relay:
         self.pool.release(bconn, bhead.keep_alive)
         return body
 
-    async def _whole(
+    async def whole(
         self, out: Responder, bconn: BackendConnection, bhead: ResponseHead, keep: bool
     ) -> bool:
         """Read and forward a whole response (also the backend's own error responses)."""
@@ -195,7 +210,7 @@ class Relay:
 
     # ------------------------------------------------------------------ assembled
 
-    async def _assembled(self, out: Responder, fwd: Forward, bconn: BackendConnection) -> bool:
+    async def assembled(self, out: Responder, fwd: Forward, bconn: BackendConnection) -> bool:
         assembler = assemble.Assembler(fwd.path, out.ex.tally)
         decoder = ChunkedDecoder(BACKEND_LIMITS)
         events = SseEvents()
@@ -237,7 +252,7 @@ class Relay:
 
     # ------------------------------------------------------------------ stream
 
-    async def _stream(self, out: Responder, fwd: Forward) -> bool:
+    async def stream(self, out: Responder, fwd: Forward) -> bool:
         writer = out.writer
         committed = False
         loop = asyncio.get_running_loop()
@@ -273,7 +288,7 @@ class Relay:
 
         if bhead.status != 200 or not bhead.chunked:
             if not committed:
-                return await self._whole(out, bconn, bhead, fwd.keep_alive)
+                return await self.whole(out, bconn, bhead, fwd.keep_alive)
             message = f"llama-server answered {bhead.status}"
             try:
                 body = await self._body(bconn, bhead)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .backend import BackendUnavailable, simple_get
+from .backends import Backend, BackendSet
 
 log = logging.getLogger("gateway")
 
@@ -47,28 +48,47 @@ def publish_state(path: Path | None, state: str) -> None:
 
 
 class Readiness:
+    """The backends' states, polled on loopback, and the state published for the probes.
+
+    The gateway is ready when every backend is: one that dies ends the container anyway
+    (the supervisor's rule), and until then it is taken out of routing.
+    """
+
     def __init__(
         self,
+        backends: BackendSet,
         host: str,
-        port: int,
         api_key: str,
         state_file: Path | None,
         download_file: Path | None = None,
     ) -> None:
-        self.download_file = download_file
+        self.backends = backends
         self.host = host
-        self.port = port
         self.api_key = api_key
         self.state_file = state_file
-        self.backend = STARTING  # starting | loading | ready | down
+        self.download_file = download_file
+        self.backend = STARTING  # all backends together: starting | loading | ready | down
         self.draining = False
         self.ever_ready = False
-        self.slots: int | None = None
-        self.ctx: int | None = None  # context per slot
-        self.models: list[str] = []
         self.started = time.monotonic()
         self._wake = asyncio.Event()
         publish_state(state_file, STARTING)
+
+    @property
+    def slots(self) -> int | None:
+        """Slots over all backends, once every one has said."""
+        known = [b.slots for b in self.backends if b.slots]
+        return sum(known) if len(known) == len(self.backends) else None
+
+    @property
+    def ctx(self) -> int | None:
+        """The context of one slot (the smallest, should backends differ)."""
+        known = [b.ctx for b in self.backends if b.ctx]
+        return min(known) if known else None
+
+    @property
+    def models(self) -> list[str]:
+        return self.backends.backends[0].models
 
     @property
     def ready(self) -> bool:
@@ -94,60 +114,76 @@ class Readiness:
             return None
         return progress if isinstance(progress, dict) else None
 
-    def backend_failed(self) -> None:
-        """A request could not reach llama-server: re-check it now."""
-        if self.backend == READY:
-            self._set("down")
+    def backend_failed(self, backend: Backend) -> None:
+        """A request could not reach ``backend``: re-check it now."""
+        if backend.state == READY:
+            backend.state = "down"
+            self._update()
         self._wake.set()
 
     def start_draining(self) -> None:
         self.draining = True
         publish_state(self.state_file, DRAINING)
 
-    def _set(self, backend: str) -> None:
-        if backend == self.backend:
+    def _update(self) -> None:
+        states = {b.state for b in self.backends}
+        if states == {READY}:
+            combined = READY
+        elif "down" in states and (self.ever_ready or states == {"down"}):
+            combined = "down"
+        elif LOADING in states or READY in states:
+            combined = LOADING
+        else:
+            combined = STARTING if "down" not in states else "down"
+        if combined == self.backend:
             return
-        previous, self.backend = self.backend, backend
-        log.info("backend %s -> %s", previous, backend)
+        previous, self.backend = self.backend, combined
+        if combined == READY:
+            self.ever_ready = True
+        log.info("backend %s -> %s", previous, combined)
         if not self.draining:
             publish_state(self.state_file, self.status)
 
-    async def _get(self, path: str) -> tuple[int, bytes]:
-        return await simple_get(self.host, self.port, path, self.api_key, timeout=5.0)
+    async def _get(self, backend: Backend, path: str) -> tuple[int, bytes]:
+        return await simple_get(self.host, backend.port, path, self.api_key, timeout=5.0)
 
-    async def _learn(self) -> None:
+    async def _learn(self, backend: Backend) -> None:
         try:
-            status, body = await self._get("/props")
+            status, body = await self._get(backend, "/props")
             if status == 200:
                 props = json.loads(body)
                 slots = props.get("total_slots")
-                self.slots = slots if isinstance(slots, int) else None
+                backend.slots = slots if isinstance(slots, int) else None
                 ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
-                self.ctx = ctx if isinstance(ctx, int) and ctx > 0 else None
-            status, body = await self._get("/v1/models")
+                backend.ctx = ctx if isinstance(ctx, int) and ctx > 0 else None
+            status, body = await self._get(backend, "/v1/models")
             if status == 200:
-                self.models = [m.get("id", "") for m in json.loads(body).get("data", [])]
+                backend.models = [m.get("id", "") for m in json.loads(body).get("data", [])]
         except (BackendUnavailable, TimeoutError, ValueError, AttributeError) as exc:
-            log.warning("could not read llama-server properties: %s", exc)
+            log.warning("could not read llama-server %d's properties: %s", backend.index, exc)
+
+    async def _check(self, backend: Backend) -> None:
+        try:
+            status, _ = await self._get(backend, "/health")
+        except (BackendUnavailable, TimeoutError):
+            backend.state = "down"
+            return
+        if status != 200:
+            backend.state = LOADING
+        elif backend.state != READY:
+            await self._learn(backend)
+            backend.state = READY
+            log.info(
+                "llama-server %d (port %d) ready: slots=%s models=%s",
+                backend.index,
+                backend.port,
+                backend.slots,
+                ",".join(backend.models) or "?",
+            )
 
     async def check_once(self) -> None:
-        try:
-            status, _ = await self._get("/health")
-        except (BackendUnavailable, TimeoutError):
-            self._set("down")
-            return
-        if status == 200:
-            if self.backend != READY:
-                await self._learn()
-                self.ever_ready = True
-                log.info(
-                    "llama-server ready: slots=%s models=%s",
-                    self.slots,
-                    ",".join(self.models) or "?",
-                )
-            self._set(READY)
-        else:
-            self._set(LOADING)
+        await asyncio.gather(*(self._check(b) for b in self.backends))
+        self._update()
 
     async def monitor(self) -> None:
         while True:

@@ -17,6 +17,7 @@ import time
 from .access import AccessControl
 from .accounting import Accounting
 from .backend import READ_SIZE, BackendPool
+from .backends import Backend, BackendSet
 from .client import ClientConnection
 from .config import Config
 from .endpoints import LocalEndpoints
@@ -28,6 +29,7 @@ from .proxy import Relay
 from .readiness import Readiness
 from .refusals import Refusal, unavailable
 from .responses import Exchange, Responder
+from .shared_limits import SharedLimits
 
 log = logging.getLogger("gateway")
 
@@ -42,12 +44,23 @@ class Gateway:
             max_headers=config.max_headers,
             max_body=config.max_request_body_size,
         )
-        self.pool = BackendPool(
-            config.backend_host, config.port_backend, config.backend_connect_timeout
+        self.backends = BackendSet(
+            [
+                Backend(
+                    i,
+                    config.port_backend + i,
+                    BackendPool(
+                        config.backend_host,
+                        config.port_backend + i,
+                        config.backend_connect_timeout,
+                    ),
+                )
+                for i in range(config.backends)
+            ]
         )
         self.readiness = Readiness(
+            self.backends,
             config.backend_host,
-            config.port_backend,
             config.backend_api_key,
             config.state_file,
             config.download_file,
@@ -56,12 +69,16 @@ class Gateway:
         self.endpoints = LocalEndpoints(
             config, self.metrics, self.readiness, lambda: self.admission.current
         )
+        self.endpoints.limiter = lambda: self.shared
+        self.shared = (
+            SharedLimits(config.redis_url, config.redis_lease_seconds) if config.redis_url else None
+        )
         self.pipeline = Pipeline(
             config,
-            AccessControl(config, keys),
+            AccessControl(config, keys, self.shared),
             self.readiness,
             self.endpoints,
-            Relay(config, self.pool, self.readiness),
+            Relay(config, self.readiness),
             self.admission,
         )
         self.accounting = Accounting(config, self.metrics)
@@ -72,6 +89,8 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> asyncio.Server:
+        if self.shared is not None:
+            self.shared.start()
         self._server = await asyncio.start_server(
             self._connection, self.config.host, self.config.port, limit=READ_SIZE, backlog=2048
         )
@@ -102,7 +121,10 @@ class Gateway:
                 )
         for writer in list(self._connections):
             writer.transport.abort()
-        self.pool.close_all()
+        for backend in self.backends:
+            backend.pool.close_all()
+        if self.shared is not None:
+            await self.shared.stop()
         self.accounting.close()
 
     # ------------------------------------------------------------------ connections

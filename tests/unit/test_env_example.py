@@ -31,7 +31,17 @@ def variables_read() -> set[str]:
         )
         for pattern in SH_READS:
             found.update(pattern.findall(text))
+        found -= internal_state(text)
     return found - NOT_CONFIG
+
+
+def internal_state(script: str) -> set[str]:
+    """Variables a script sets up itself at top level (NAME=... not reading ${NAME})."""
+    return {
+        name
+        for name, value in re.findall(r"^([A-Z][A-Z0-9_]+)=(.*)$", script, re.M)
+        if "${" + name not in value
+    }
 
 
 def test_every_variable_the_code_reads_is_in_env_example() -> None:

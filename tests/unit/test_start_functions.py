@@ -228,6 +228,35 @@ def test_router_mode_passes_the_models_dir_and_models_max() -> None:
     assert result.stdout.split()[:4] == ["--models-dir", "/models", "--models-max", "2"]
 
 
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "1||"),
+        ({"BACKENDS": "auto", "CUDA_VISIBLE_DEVICES": "0,1,3"}, "3|0 1 3|"),
+        ({"BACKENDS": "auto", "CUDA_VISIBLE_DEVICES": ""}, "1||"),  # no GPU: one, on the CPU
+        ({"BACKENDS": "2", "CUDA_VISIBLE_DEVICES": "5"}, "2|5|"),
+        ({"BACKENDS": "3", "MODE": "router"}, "1||router mode runs one"),
+    ],
+)
+def test_backends_resolve_to_one_per_gpu(env: dict[str, str], expected: str) -> None:
+    mode = env.pop("MODE", "single")
+    env.setdefault("PATH", "/usr/bin:/bin")  # no nvidia-smi here
+    result = sourced(
+        f'MODEL_MODE={mode}; resolve_backends; echo "$BACKEND_COUNT|${{GPUS[*]}}|"', env
+    )
+    count_gpus, _, note = expected.rpartition("|")
+    assert result.stdout.strip() == count_gpus + "|", result.stderr
+    assert note in result.stderr
+
+
+def test_backend_ports_must_not_overlap_the_public_ones() -> None:
+    result = sourced(
+        "BACKEND_COUNT=3; check_port_roles",
+        {"PORT": "8002", "PORT_HEALTH": "8010", "PORT_BACKEND": "8000"},
+    )
+    assert result.returncode == 2 and "PORT=8002" in result.stderr
+
+
 def test_a_model_alias_must_be_a_plain_name() -> None:
     result = sourced("validate_settings", {"MODEL_ALIAS": "a b; rm"})
     assert result.returncode == 2 and "MODEL_ALIAS" in result.stderr
