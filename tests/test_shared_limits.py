@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -93,17 +94,22 @@ def test_a_replica_killed_mid_request_gives_its_concurrency_back(
         "c:sk-shared-conc-00 concurrency=1\n",
         REDIS_LEASE_SECONDS="2",
     )
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(chat, a, "sk-shared-conc-00", 100_000)
-        wait_until(lambda: chat(b, "sk-shared-conc-00") == 429, 10, "the lease to be held")
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000, "stream": True}
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n"
+        f"Authorization: Bearer sk-shared-conc-00\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", a.port), timeout=10) as held:
+        held.sendall(head + body)
+        assert held.recv(4096).startswith(b"HTTP/1.1 200")  # streaming: its lease is held
+        # (not reading further: the stream stalls on backpressure, the request stays open)
+        assert chat(b, "sk-shared-conc-00") == 429
         a.proc.proc.send_signal(signal.SIGKILL)  # no drain, no release: only the lease's expiry
         started = time.monotonic()
         wait_until(lambda: chat(b, "sk-shared-conc-00") == 200, 15, "the lease to lapse")
         assert time.monotonic() - started < 10
-        try:
-            running.result(timeout=10)
-        except OSError:
-            pass  # its gateway is gone
 
 
 def test_requests_keep_flowing_while_redis_is_down_and_sharing_resumes(

@@ -424,6 +424,10 @@ def routed(stack: Stack) -> list[int]:
     return [counts.get(str(i), 0) for i in range(len(counts))]
 
 
+def busy_backends(stack: Stack) -> int:
+    return sum(1 for b in health_of(stack)["backends"] if b["in_use"])
+
+
 LONG_SYSTEM = "You answer questions about the sea, briefly and kindly. " * 20
 
 
@@ -453,9 +457,12 @@ def test_two_backends_share_the_load_and_keep_long_prefixes_together(
         ask(stack, question)
     after = routed(stack)
     assert sorted(a - b for a, b in zip(after, before)) == [0, 3]
-    # Two at once with the same prefix: the warm backend is full, the other one takes it.
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda q: ask(stack, q, tokens=400), ("deep?", "far?")))
+    # While the warm backend is busy with one of them, the next goes to the other one.
+    with ThreadPoolExecutor(1) as pool:
+        long_one = pool.submit(ask, stack, "deep?", 2000)
+        wait_until(lambda: busy_backends(stack) == 1, 30, "the first to hold its slot")
+        ask(stack, "far?")
+        assert long_one.result() == 2000
     final = routed(stack)
     assert [f - a for f, a in zip(final, after)] == [1, 1]
     assert "backends:      2 llama-servers" in stack.proc.log()
