@@ -20,6 +20,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -358,6 +359,82 @@ async def run(
     return result
 
 
+def consecutive_ports() -> int:
+    """A free port whose next one is free too (backend i listens on PORT_BACKEND + i)."""
+    while True:
+        port = free_port()
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+
+
+def two_backends(
+    args: argparse.Namespace, work: Path, model: Path, keys: Path, one_port: int
+) -> dict[str, object]:
+    """Streams through a gateway over two llama-servers against one, in paired runs.
+
+    Each of the two has half the slots, so both set-ups offer the same number of slots;
+    on a machine without GPUs the two llama-servers share its cores.
+    """
+    first = consecutive_ports()
+    half = max(1, args.parallel // 2)
+    procs = [
+        start_llama_server(
+            model, work / f"llama-{i}.log", api_key=BACKEND_KEY, parallel=half, port=first + i
+        )[0]
+        for i in range(2)
+    ]
+    gateways = []
+    try:
+        for port, count in ((one_port, "1"), (first, "2")):
+            gateways.append(
+                start_gateway(
+                    {
+                        "PORT_BACKEND": str(port),
+                        "BACKENDS": count,
+                        "BACKEND_API_KEY": BACKEND_KEY,
+                        "AUTH_KEYS_FILE": str(keys),
+                        "LOG_LEVEL": "WARNING",
+                        "MAX_QUEUE_SIZE": "4096",
+                        "MAX_QUEUE_PER_KEY": "4096",
+                    },
+                    work / f"gateway-backends-{count}.log",
+                )
+            )
+        concurrency = max(args.streams)
+        rounds = max(4, 64 // concurrency)
+
+        async def measure() -> tuple[list[float], list[float]]:
+            one, two = [], []
+            for _ in range(args.repeat):
+                one.append(
+                    await streams(gateways[0][1], CLIENT_KEY, concurrency, args.tokens, rounds)
+                )
+                two.append(
+                    await streams(gateways[1][1], CLIENT_KEY, concurrency, args.tokens, rounds)
+                )
+            return one, two
+
+        one, two = asyncio.run(measure())
+    finally:
+        for proc, _ in gateways:
+            proc.stop()
+        for proc in procs:
+            proc.stop()
+    ratios = sorted(t / o for t, o in zip(two, one))
+    return {
+        "streams": concurrency,
+        "slots_each_setup": 2 * half,
+        "one_backend_events_per_s": round(statistics.median(one), 1),
+        "two_backends_events_per_s": round(statistics.median(two), 1),
+        "ratio": round(statistics.median(ratios), 3),
+        "note": "each llama-server here runs one thread: two use two cores; on a GPU box, two GPUs",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -422,6 +499,10 @@ def main() -> None:
                     figures["event_loop"] = loop
                 else:
                     figures[loop] = measured
+            if nginx is not None:
+                nginx[0].stop()
+                nginx = None
+            figures["two_backends"] = two_backends(args, work, model, keys, backend_port)
         finally:
             if nginx is not None:
                 nginx[0].stop()
