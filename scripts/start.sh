@@ -80,9 +80,7 @@ require_uint() {
 }
 
 validate_settings() {
-  require_uint PORT 1 65535
-  require_uint PORT_HEALTH 1 65535
-  require_uint PORT_BACKEND 1 65535
+  # PORT, PORT_HEALTH and PORT_BACKEND are checked by gateway.py --check (load_facts).
   require_uint CTX 0
   require_uint PARALLEL 1
   require_uint MODELS_MAX 0

@@ -76,7 +76,14 @@ http {{
     client_body_temp_path {work}/nginx-body;
     proxy_temp_path {work}/nginx-proxy;
     map $http_authorization $allowed {{ default 0; "Bearer {client_key}" 1; }}
-    upstream llama {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+    # As the gateway's pool does: idle upstream connections dropped before llama-server's
+    # own 5 s keep-alive timeout, and a request retried when a reused one was closed.
+    upstream llama {{
+        server 127.0.0.1:{backend_port};
+        keepalive 64;
+        keepalive_timeout 4s;
+        keepalive_requests 90;
+    }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -87,6 +94,7 @@ http {{
             proxy_set_header Authorization "Bearer {backend_key}";
             proxy_buffering off;
             proxy_request_buffering off;
+            proxy_next_upstream error timeout non_idempotent;
         }}
     }}
 }}

@@ -10,13 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from conftest import GatewayFactory, GatewayHandle
 from support.procs import wait_until
 from support.redis_server import RedisServer
+from test_keys_and_limits import health
 from test_limits_hold import post, tokens_counted
 
 
@@ -43,14 +43,6 @@ def replicas(
 
 def sharing(gw: GatewayHandle) -> Callable[[], bool]:
     return lambda: bool(health(gw)["limiter"]["shared"])
-
-
-def health(gw: GatewayHandle) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
-    conn.request("GET", "/health")
-    result: dict[str, Any] = json.loads(conn.getresponse().read())
-    conn.close()
-    return result
 
 
 def chat(gw: GatewayHandle, key: str, tokens: int = 1) -> int:

@@ -119,9 +119,10 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
-    value = _int(env, name, default, minimum=0)
+    """A TCP port: the one rule for PORT, PORT_HEALTH and PORT_BACKEND (start.sh asks --check)."""
+    value = _int(env, name, default, minimum=1)
     if value > 65535:
-        raise ConfigError(f"{name}={value}: expected a TCP port (0-65535)")
+        raise ConfigError(f"{name}={value}: expected a TCP port (1-65535)")
     return value
 
 
