@@ -39,9 +39,10 @@ def main() -> int:
     Progress.state_file = Path(progress) if progress else None
     try:
         ref = parse_ref(env)
-        hub = Hub(
-            env.get("HF_ENDPOINT", "").strip() or DEFAULT_ENDPOINT, env.get("HF_TOKEN", ""), log
-        )
+        endpoint = env.get("HF_ENDPOINT", "").strip() or DEFAULT_ENDPOINT
+        if not endpoint.startswith(("https://", "http://")):
+            raise HubError(f"HF_ENDPOINT={endpoint!r}: expected an http:// or https:// URL")
+        hub = Hub(endpoint, env.get("HF_TOKEN", ""), log)
         wanted = ref.file or ref.quant or "default quant"
         log(
             f"model {ref.repo} ({wanted}, revision {ref.revision}) from {hub.endpoint}, cache {cache}"

@@ -186,6 +186,9 @@ def misconfigured(tmp_path: Path, data_dir: Path, **env: str) -> tuple[int, str]
             {"LLAMA_SERVER_BIN": "/no/llama-server"}, "LLAMA_SERVER_BIN", id="missing-binary"
         ),
         pytest.param({"AUTH_ENABLED": "maybe"}, "AUTH_ENABLED", id="bad-bool"),
+        pytest.param({"BACKENDS": "lots"}, "BACKENDS='lots'", id="bad-backends"),
+        pytest.param({"MODELS_MAX": "-1"}, "MODELS_MAX", id="bad-models-max"),
+        pytest.param({"REDIS_URL": "redis://:pw@host:nope"}, "REDIS_URL", id="bad-redis-url"),
     ],
 )
 def test_misconfiguration_exits_2_naming_the_setting(

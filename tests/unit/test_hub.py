@@ -118,6 +118,11 @@ def test_a_missing_quant_exits_2_listing_the_quants_the_repo_has(
     assert "IQ2_XXS" in result.stderr and "Q4_K_M, Q8_0" in result.stderr
 
 
+def test_a_hub_endpoint_that_is_not_http_exits_2(tmp_path: Path) -> None:
+    result = fetch(tmp_path, "file:///etc", MODEL_REPO="owner/tiny")
+    assert result.returncode == 2 and "HF_ENDPOINT" in result.stderr
+
+
 def test_an_unknown_repo_exits_2(hub: FakeHub, tmp_path: Path) -> None:
     result = fetch(tmp_path, hub.url, MODEL_REPO="owner/nope")
     assert result.returncode == 2 and "MODEL_REPO=owner/nope" in result.stderr

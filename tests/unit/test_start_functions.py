@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_gateway.config import Config, detect_data_dir, detect_platform
+from gguf_gateway.config import Config, ConfigError, detect_data_dir, detect_platform
 from support.procs import ROOT
 
 START = ROOT / "scripts" / "start.sh"
@@ -96,6 +96,28 @@ def test_check_reports_the_facts_the_boot_block_needs(tmp_path: Path) -> None:
 )
 def test_unset_port_health_follows_the_platform(env: dict[str, str], expected: int) -> None:
     assert Config.from_env(env).port_health == expected
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"REDIS_URL": "http://cache:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://:hunter2-secret@cache:port/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://:hunter2-secret@cache:6379/db"}, "REDIS_URL"),
+        ({"HEALTH_CHECK_PATH": "health"}, "HEALTH_CHECK_PATH"),
+        ({"BACKENDS": "two"}, "BACKENDS"),
+        ({"BACKENDS": "0"}, "BACKENDS"),
+        ({"PORT": "0"}, "PORT"),
+    ],
+)
+def test_bad_settings_are_named_and_never_echo_a_password(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(env)
+    assert named in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_a_redis_url_is_accepted_with_password_and_db() -> None:
+    assert Config.from_env({"REDIS_URL": "redis://:pw@10.0.0.5:6380/2"}).redis_url.endswith("/2")
 
 
 def test_first_byte_timeout_stays_under_runpods_processing_cap() -> None:
