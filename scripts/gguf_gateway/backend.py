@@ -13,11 +13,14 @@ import asyncio
 import socket
 import time
 
+from .channel import Channel
 from .http11 import ChunkedDecoder, HttpError, Limits, ResponseHead, parse_response_head
 
 POOL_IDLE_SECONDS = 4.0
 POOL_MAX_IDLE = 64
-READ_SIZE = 65536
+# What a backend channel buffers before it pauses reading: llama-server's whole
+# answers (a batch of embeddings) are read into memory anyway.
+BACKEND_BUFFER = 1 << 20
 # llama-server is trusted: its responses are framed strictly but not size-capped.
 BACKEND_LIMITS = Limits(max_body=1 << 40)
 
@@ -27,55 +30,40 @@ class BackendUnavailable(Exception):
 
 
 class BackendConnection:
-    __slots__ = ("reader", "writer", "buf", "reused", "idle_since")
+    __slots__ = ("channel", "buf", "reused", "idle_since")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.buf = bytearray()
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.buf = channel.buf  # the channel appends in place: one buffer, two names
         self.reused = False
         self.idle_since = 0.0
 
     def close(self) -> None:
-        transport = self.writer.transport
-        if not transport.is_closing():
-            # abort, not close: llama-server must see the connection drop at once to
-            # free the slot, without waiting for buffered bytes to flush.
-            transport.abort()
+        # abort, not close: llama-server must see the connection drop at once to free
+        # the slot, without waiting for buffered bytes to flush.
+        self.channel.abort()
 
     def take_buffered(self) -> bytes:
-        """Every byte read from llama-server and not consumed yet, ours and the reader's.
+        """Every byte read from llama-server and not consumed yet, before a hand-over."""
+        return self.channel.take(len(self.buf))
 
-        Before the transport is handed to another protocol nothing may stay behind in
-        the StreamReader; its buffer (``_buffer``, a CPython implementation detail with
-        no public accessor) holds what arrived beyond our last read.
-        """
-        data = bytes(self.buf)
-        self.buf.clear()
-        pending = getattr(self.reader, "_buffer", None)
-        if pending:
-            data += bytes(pending)
-            pending.clear()
-        return data
+    async def _more(self, what: str) -> None:
+        if not await self.channel.more():
+            raise BackendUnavailable(f"llama-server closed the connection{what}")
 
     async def read_head(self) -> ResponseHead:
         while True:
             head = parse_response_head(self.buf, BACKEND_LIMITS)
             if head is not None:
                 return head
-            data = await self.reader.read(READ_SIZE)
-            if not data:
-                raise BackendUnavailable("llama-server closed the connection")
-            self.buf += data
+            await self._more("")
 
     def buffered_body(self, head: ResponseHead) -> bytes | None:
         """The body, if all of it (Content-Length framed) has already been read."""
         length = head.content_length
         if head.chunked or length is None or len(self.buf) < length:
             return None
-        body = bytes(self.buf[:length])
-        del self.buf[:length]
-        return body
+        return self.channel.take(length)
 
     async def read_body(self, head: ResponseHead) -> bytes:
         """The whole body of a non-streamed response."""
@@ -83,26 +71,19 @@ class BackendConnection:
             decoder = ChunkedDecoder(BACKEND_LIMITS)
             parts = [decoder.feed(self.buf)]
             while not decoder.done:
-                data = await self.reader.read(READ_SIZE)
-                if not data:
-                    raise BackendUnavailable("llama-server closed the connection mid-body")
-                self.buf += data
+                await self._more(" mid-body")
                 parts.append(decoder.feed(self.buf))
             return b"".join(parts)
         if head.content_length is None:
             # Close-delimited: read to EOF; the connection cannot be reused.
             head.keep_alive = False
-            data = bytes(self.buf) + await self.reader.read()
-            self.buf.clear()
-            return data
+            self.channel.limit = 1 << 62
+            while await self.channel.more():
+                pass
+            return self.take_buffered()
         while len(self.buf) < head.content_length:
-            data = await self.reader.read(READ_SIZE)
-            if not data:
-                raise BackendUnavailable("llama-server closed the connection mid-body")
-            self.buf += data
-        body = bytes(self.buf[: head.content_length])
-        del self.buf[: head.content_length]
-        return body
+            await self._more(" mid-body")
+        return self.channel.take(head.content_length)
 
 
 class BackendPool:
@@ -115,7 +96,9 @@ class BackendPool:
     async def connect(self) -> BackendConnection:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                transport, channel = await asyncio.get_running_loop().create_connection(
+                    lambda: Channel(BACKEND_BUFFER), self.host, self.port
+                )
         except TimeoutError:
             # Not the client's timeout: a backend that does not accept is unreachable.
             raise BackendUnavailable(
@@ -125,16 +108,16 @@ class BackendPool:
             raise BackendUnavailable(
                 f"cannot connect to llama-server: {exc.strerror or exc}"
             ) from None
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return BackendConnection(reader, writer)
+        return BackendConnection(channel)
 
     async def acquire(self) -> BackendConnection:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if now - conn.idle_since < POOL_IDLE_SECONDS and not conn.reader.at_eof():
+            if now - conn.idle_since < POOL_IDLE_SECONDS and not conn.channel.eof:
                 conn.reused = True
                 return conn
             conn.close()
@@ -166,7 +149,7 @@ class BackendPool:
     async def _send(conn: BackendConnection, request: bytes) -> ResponseHead:
         """Write the request and read the head; the connection is closed on any failure."""
         try:
-            conn.writer.write(request)
+            conn.channel.write(request)
             return await conn.read_head()
         except ConnectionError as exc:
             conn.close()
@@ -187,7 +170,7 @@ async def simple_get(
     async with asyncio.timeout(timeout):
         conn = await pool.connect()
         try:
-            conn.writer.write((headers + "\r\n").encode("latin-1"))
+            conn.channel.write((headers + "\r\n").encode("latin-1"))
             head = await conn.read_head()
             body = await conn.read_body(head)
         except (HttpError, ConnectionError) as exc:

@@ -1,7 +1,7 @@
 """The streaming hot path: llama-server's chunked SSE bytes straight to the client.
 
 While a stream is relayed, the backend connection's transport is handed this protocol
-instead of its StreamReader. Each read from llama-server is then framing-checked and
+instead of its channel. Each read from llama-server is then framing-checked and
 written to the client inside ``data_received``: no task wake-up, no reader buffer, no
 copy per event. Only the few reads that end a task (where llama-server puts ``usage``) are
 parsed, to settle the request's tokens. The coroutine that owns the request only wakes when the stream ends,
@@ -17,6 +17,7 @@ from enum import Enum
 from typing import cast
 
 from .backend import BACKEND_LIMITS
+from .channel import RECEIVE_BUFFER
 from .http11 import LAST_CHUNK, ChunkedDecoder, ChunkedScanner, HttpError, chunk
 from .sse import USAGE_MARK, UsageTally
 
@@ -33,7 +34,7 @@ class BackendClosed(Exception):
     """llama-server closed or reset the connection before the stream's end."""
 
 
-class StreamPipe(asyncio.Protocol):
+class StreamPipe(asyncio.BufferedProtocol):
     """Relays one stream; reads that carry usage are held to a chunk boundary and tallied.
 
     ``tally``: where the usage of each finished task is summed (None: not read).
@@ -76,6 +77,12 @@ class StreamPipe(asyncio.Protocol):
             self._waiter.set_exception(outcome)
         else:
             self._waiter.set_result(outcome)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return RECEIVE_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(RECEIVE_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.finished:

@@ -278,7 +278,7 @@ class Pipeline:
             task.uncancel()
             raise ClientGone() from None
         finally:
-            await watch.stop()
+            watch.stop()
 
     @staticmethod
     def _settled(ex: Exchange, reserved: int) -> int:

@@ -24,15 +24,9 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import cast
 
 from . import assemble
-from .backend import (
-    BACKEND_LIMITS,
-    READ_SIZE,
-    BackendConnection,
-    BackendUnavailable,
-)
+from .backend import BACKEND_LIMITS, BackendConnection, BackendUnavailable
 from .config import Config
 from .errors import sse_error_event
 from .http11 import LAST_CHUNK, ChunkedDecoder, HttpError, ResponseHead, chunk
@@ -221,11 +215,9 @@ class _Leg:
                     assembler.add(payload)
                 if decoder.done or assembler.finished:
                     break
-                data = await bconn.reader.read(READ_SIZE)
-                if not data:
+                if not await bconn.channel.more():
                     raise BackendUnavailable("llama-server closed the stream early")
                 watchdog.touch()
-                bconn.buf += data
         except asyncio.CancelledError:
             if not self._idle_expired(out, bconn, watchdog):
                 raise
@@ -253,7 +245,7 @@ class _Leg:
     # ------------------------------------------------------------------ stream
 
     async def stream(self, out: Responder, fwd: Forward) -> bool:
-        writer = out.writer
+        client = out.channel
         committed = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.first_byte_timeout
@@ -270,10 +262,10 @@ class _Leg:
                 # A long prefill: commit to a stream and keep clients and proxies in
                 # between from timing out the silent connection.
                 if not committed:
-                    writer.write(out.stream_head(fwd.http11))
+                    client.write(out.stream_head(fwd.http11))
                     committed = True
-                writer.write(_KEEPALIVE_CHUNK if fwd.http11 else _KEEPALIVE)
-                await writer.drain()
+                client.write(_KEEPALIVE_CHUNK if fwd.http11 else _KEEPALIVE)
+                await client.drain()
             bconn, bhead = pending.result()
         except BackendUnavailable as exc:
             return self._failed(out, committed, fwd.http11, self._unreachable(out, exc))
@@ -300,7 +292,7 @@ class _Leg:
             )
 
         if not committed:
-            writer.write(out.stream_head(fwd.http11))
+            client.write(out.stream_head(fwd.http11))
         return await self._pump(out, fwd, bconn, bhead.keep_alive)
 
     async def _pump(
@@ -308,17 +300,16 @@ class _Leg:
     ) -> bool:
         """The hot path: hand the backend transport to a StreamPipe until the stream ends."""
         watchdog = IdleWatchdog(self.config.stream_idle_timeout)
+        client = out.channel
+        assert client.transport is not None and bconn.channel.transport is not None
         pipe = StreamPipe(
-            out.writer.transport,
+            client.transport,
             watchdog.touch,
             decode=not fwd.http11,
             tally=out.ex.tally,
             strip_usage=fwd.strip_usage,
         )
-        # cast, not isinstance: uvloop's transports implement the interface without
-        # subclassing asyncio's classes.
-        transport = cast(asyncio.Transport, bconn.writer.transport)
-        original = transport.get_protocol()
+        transport = bconn.channel.transport
         early = bconn.take_buffered()
         transport.set_protocol(pipe)
         pipe.connection_made(transport)
@@ -327,7 +318,7 @@ class _Leg:
             if early:
                 pipe.data_received(early)
             while await pipe.next_event() is PipeEvent.PAUSED:
-                await out.writer.drain()
+                await client.drain()
                 watchdog.touch()
                 pipe.resume()
         except asyncio.CancelledError:
@@ -344,8 +335,8 @@ class _Leg:
             return self._failed(out, True, fwd.http11, failure, pipe.scanner.at_boundary)
         finally:
             watchdog.stop()
-        # The stream ended cleanly: the connection goes back to its stream reader.
-        transport.set_protocol(original)
+        # The stream ended cleanly: the connection goes back to its channel.
+        transport.set_protocol(bconn.channel)
         self.pool.release(bconn, reusable)
         out.ex.sent += pipe.sent
         return fwd.keep_alive if fwd.http11 else False
@@ -366,5 +357,5 @@ class _Leg:
             out.ex.backend_error = failure.reason
         if at_boundary:
             event = sse_error_event(failure.status, failure.message)
-            out.writer.write(chunk(event) + LAST_CHUNK if http11 else event)
+            out.channel.write(chunk(event) + LAST_CHUNK if http11 else event)
         return False

@@ -6,9 +6,9 @@ request id, the security headers and, for authenticated requests, the rate-limit
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
+from .channel import Channel
 from .errors import error_body
 from .http11 import response_head_bytes
 from .refusals import Refusal
@@ -43,10 +43,10 @@ class Exchange:
 
 
 class Responder:
-    __slots__ = ("writer", "ex")
+    __slots__ = ("channel", "ex")
 
-    def __init__(self, writer: asyncio.StreamWriter, ex: Exchange) -> None:
-        self.writer = writer
+    def __init__(self, channel: Channel, ex: Exchange) -> None:
+        self.channel = channel
         self.ex = ex
 
     def headers(
@@ -80,7 +80,7 @@ class Responder:
         if extra:
             headers.extend(extra)
         head = response_head_bytes(status, headers)
-        self.writer.write(head if head_only else head + body)
+        self.channel.write(head if head_only else head + body)
         self.ex.status = status
         self.ex.sent += 0 if head_only else len(body)
         return keep_alive

@@ -16,9 +16,10 @@ import time
 
 from .access import AccessControl
 from .accounting import Accounting
-from .backend import READ_SIZE, BackendPool
+from .backend import BackendPool
 from .backends import Backend, BackendSet
-from .client import ClientConnection
+from .channel import Channel
+from .client import MAX_PIPELINED, ClientConnection
 from .config import Config
 from .endpoints import LocalEndpoints
 from .http11 import HttpError, Limits, RequestHead
@@ -82,7 +83,7 @@ class Gateway:
             self.admission,
         )
         self.accounting = Accounting(config, self.metrics)
-        self._connections: dict[asyncio.StreamWriter, ClientConnection] = {}
+        self._connections: dict[Channel, ClientConnection] = {}
         self._idle_event = asyncio.Event()
         self._server: asyncio.Server | None = None
 
@@ -91,8 +92,8 @@ class Gateway:
     async def start(self) -> asyncio.Server:
         if self.shared is not None:
             self.shared.start()
-        self._server = await asyncio.start_server(
-            self._connection, self.config.host, self.config.port, limit=READ_SIZE, backlog=2048
+        self._server = await asyncio.get_running_loop().create_server(
+            self._accept, self.config.host, self.config.port, backlog=2048
         )
         return self._server
 
@@ -101,9 +102,9 @@ class Gateway:
         self.readiness.start_draining()
         if self._server is not None:
             self._server.close()
-        for writer, conn in list(self._connections.items()):
+        for channel, conn in list(self._connections.items()):
             if not conn.busy:
-                writer.close()
+                channel.close()
         if self.metrics.in_flight:
             log.info(
                 "draining: waiting up to %ss for %d request(s)",
@@ -119,8 +120,8 @@ class Gateway:
                 log.warning(
                     "drain timeout: closing %d request(s) still running", self.metrics.in_flight
                 )
-        for writer in list(self._connections):
-            writer.transport.abort()
+        for channel in list(self._connections):
+            channel.abort()
         for backend in self.backends:
             backend.pool.close_all()
         if self.shared is not None:
@@ -131,30 +132,38 @@ class Gateway:
 
     def _make_room(self) -> bool:
         """At the connection cap: close the idle keep-alive connection waiting longest."""
-        for writer, conn in self._connections.items():
+        for channel, conn in self._connections.items():
             if not conn.busy and conn.requests:
-                writer.transport.abort()
-                del self._connections[writer]
+                channel.abort()
+                del self._connections[channel]
                 return True
         return False
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self) -> Channel:
+        return Channel(MAX_PIPELINED, self._connected)
+
+    def _connected(self, channel: Channel) -> None:
+        conn = ClientConnection(channel, self.limits)
+        # The connection holds its task: the loop keeps only weak references to tasks.
+        conn.task = asyncio.get_running_loop().create_task(self._connection(conn))
+
+    async def _connection(self, conn: ClientConnection) -> None:
         try:
-            await self._serve_connection(ClientConnection(reader, writer, self.limits))
+            await self._serve_connection(conn)
         except asyncio.CancelledError:
             # The loop is shutting down with this connection still open (after drain):
             # a normal end for a connection handler, not an error to report.
-            writer.transport.abort()
+            conn.channel.abort()
 
     async def _serve_connection(self, conn: ClientConnection) -> None:
-        writer = conn.writer
+        channel = conn.channel
         if len(self._connections) >= self.config.max_connections and not self._make_room():
             # Over the cap with nothing idle to drop: a clear answer and a close.
             refusal = unavailable("too many connections", "connections", retry_after=1)
             self._refuse_connection(conn, refusal, "-")
             await conn.close(linger=True)
             return
-        self._connections[writer] = conn
+        self._connections[channel] = conn
         linger = False
         try:
             while True:
@@ -187,15 +196,15 @@ class Gateway:
                 linger = outcome.linger
                 if not outcome.keep_alive or self.readiness.draining:
                     break
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except ConnectionError:
             pass
         finally:
-            self._connections.pop(writer, None)
+            self._connections.pop(channel, None)
         await conn.close(linger=linger and not self.readiness.draining)
 
     async def _request(self, conn: ClientConnection, head: RequestHead) -> Outcome:
         pipeline = self.pipeline
-        out = Responder(conn.writer, pipeline.exchange_for(head))
+        out = Responder(conn.channel, pipeline.exchange_for(head))
         conn.busy = True
         self.metrics.in_flight += 1
         try:
@@ -210,5 +219,5 @@ class Gateway:
     def _refuse_connection(self, conn: ClientConnection, refusal: Refusal, path: str) -> None:
         """A refusal before there is a request to speak of: answer, account, close."""
         ex = Exchange(new_request_id(), "-", "other", time.monotonic())
-        Responder(conn.writer, ex).refuse(refusal, keep_alive=False)
+        Responder(conn.channel, ex).refuse(refusal, keep_alive=False)
         self.accounting.finished(ex, path)

@@ -1,0 +1,175 @@
+"""One TCP connection's bytes, for either side of the gateway: a protocol, not streams.
+
+Both the client side (client.py) and the backend side (backend.py) read through a
+:class:`Channel`. It is a buffered protocol: the transport receives into one
+preallocated buffer and the channel appends what came to ``buf``, which the sans-IO
+parsers (http11.py) consume in place. asyncio's streams would cost a second buffer and,
+on the selector loop, a 256 KiB allocation for every recv (the transport's read size
+for plain protocols, far above malloc's mmap threshold: an mmap and munmap per read).
+
+One coroutine at a time waits for more bytes with :meth:`more`. Writes go straight to
+the transport; :meth:`drain` waits only while the transport has paused us. Reading
+pauses while ``buf`` holds more than ``limit`` unconsumed bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+# What one recv may take; also what a channel buffers before it stops reading.
+READ_SIZE = 65536
+# The one buffer every channel receives into: the transport copies nothing out of it
+# by itself, and ``buffer_updated`` moves the bytes on before the loop reads from another
+# socket (one event loop, one thread, reads one at a time).
+RECEIVE_BUFFER = memoryview(bytearray(READ_SIZE))
+
+
+class Channel(asyncio.BufferedProtocol):
+    __slots__ = (
+        "transport",
+        "buf",
+        "limit",
+        "eof",
+        "lost",
+        "on_eof",
+        "_connected",
+        "_waiter",
+        "_read_paused",
+        "_write_paused",
+        "_drain_waiter",
+    )
+
+    def __init__(
+        self,
+        limit: int = READ_SIZE,
+        connected: Callable[[Channel], None] | None = None,
+    ) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.limit = limit
+        self.eof = False  # the peer sent FIN, or the connection is gone
+        self.lost = False  # the connection is gone
+        # Called once at the end of input (the client watch), instead of waking a reader.
+        self.on_eof: Callable[[], None] | None = None
+        self._connected = connected
+        self._waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ protocol side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: uvloop's transports implement the interface without
+        # subclassing asyncio's classes.
+        self.transport = cast(asyncio.Transport, transport)
+        if self._connected is not None:
+            self._connected(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return RECEIVE_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.buf += RECEIVE_BUFFER[:nbytes]
+        if len(self.buf) > self.limit and self.transport is not None:
+            self.transport.pause_reading()
+            self._read_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._ended()
+        # Keep the transport: a client that half-closed after its request still reads
+        # the response (the same choice asyncio's streams make).
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.lost = True
+        self._ended()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _ended(self) -> None:
+        self._wake()
+        if self.on_eof is not None:
+            self.on_eof()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------------ caller side
+
+    async def more(self) -> bool:
+        """Wait until bytes beyond what ``buf`` holds now arrive; False at end of input."""
+        if self.eof:
+            return False
+        size = len(self.buf)
+        if self._read_paused:
+            self._read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        return len(self.buf) > size
+
+    def take(self, length: int) -> bytes:
+        """The first ``length`` bytes of ``buf``, removed from it."""
+        data = bytes(self.buf[:length])
+        del self.buf[:length]
+        if self._read_paused and len(self.buf) <= self.limit:
+            self._read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is over its high-water mark."""
+        if self.lost:
+            raise ConnectionResetError("connection lost")
+        if not self._write_paused:
+            return
+        waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+
+    def write_eof(self) -> None:
+        """Half-close: our side is done sending, once what is buffered is written."""
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    @property
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without flushing what is buffered."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Close after what is buffered is written."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
