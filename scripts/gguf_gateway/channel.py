@@ -37,7 +37,7 @@ class Channel(asyncio.BufferedProtocol):
         "_connected",
         "_waiter",
         "_read_paused",
-        "_write_paused",
+        "write_paused",
         "_drain_waiter",
     )
 
@@ -56,7 +56,9 @@ class Channel(asyncio.BufferedProtocol):
         self._connected = connected
         self._waiter: asyncio.Future[None] | None = None
         self._read_paused = False
-        self._write_paused = False
+        # The transport's write buffer is over its high-water mark (64 KiB by default
+        # on both loops): whoever feeds this channel should wait (drain) or pause.
+        self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ protocol side
@@ -93,10 +95,10 @@ class Channel(asyncio.BufferedProtocol):
             waiter.set_exception(ConnectionResetError("connection lost"))
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -147,7 +149,7 @@ class Channel(asyncio.BufferedProtocol):
         """Wait while the transport's write buffer is over its high-water mark."""
         if self.lost:
             raise ConnectionResetError("connection lost")
-        if not self._write_paused:
+        if not self.write_paused:
             return
         waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
         try:

@@ -2,27 +2,24 @@
 
 While a stream is relayed, the backend connection's transport is handed this protocol
 instead of its channel. Each read from llama-server is then framing-checked and
-written to the client inside ``data_received``: no task wake-up, no reader buffer, no
-copy per event. Only the few reads that end a task (where llama-server puts ``usage``) are
-parsed, to settle the request's tokens. The coroutine that owns the request only wakes when the stream ends,
-fails, or the client's socket is full (backpressure: reading from llama-server pauses
-until the client has drained).
+written to the client inside ``buffer_updated``: no task wake-up, no reader buffer, no
+timer and no clock read per event (the idle watchdog looks at the read count). Only the
+few reads that end a task (where llama-server puts ``usage``) are parsed, to settle the
+request's tokens. The coroutine that owns the request only wakes when the stream ends,
+fails, or the client's socket is full (backpressure: the client's transport paused its
+channel, so reading from llama-server pauses until the client has drained).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from enum import Enum
 from typing import cast
 
 from .backend import BACKEND_LIMITS
-from .channel import RECEIVE_BUFFER
+from .channel import RECEIVE_BUFFER, Channel
 from .http11 import LAST_CHUNK, ChunkedDecoder, ChunkedScanner, HttpError, chunk
 from .sse import USAGE_MARK, UsageTally
-
-# Unsent bytes for the client above which reading from llama-server pauses.
-HIGH_WATER = 64 * 1024
 
 
 class PipeEvent(Enum):
@@ -43,15 +40,16 @@ class StreamPipe(asyncio.BufferedProtocol):
 
     def __init__(
         self,
-        client: asyncio.WriteTransport,
-        touch: Callable[[], None],
+        client: Channel,
         *,
         decode: bool,
         tally: UsageTally | None,
         strip_usage: bool,
     ) -> None:
         self.client = client
-        self.touch = touch
+        assert client.transport is not None
+        self._write = client.transport.write
+        self.reads = 0  # what the idle watchdog follows
         self.scanner = ChunkedScanner()
         # HTTP/1.0 clients cannot take chunked framing: their bytes are decoded.
         self.decoder = ChunkedDecoder(BACKEND_LIMITS) if decode else None
@@ -82,12 +80,12 @@ class StreamPipe(asyncio.BufferedProtocol):
         return RECEIVE_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(RECEIVE_BUFFER[:nbytes]))
+        self.data_received(RECEIVE_BUFFER[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         if self.finished:
             return
-        self.touch()
+        self.reads += 1
         # Usage is read from whole chunks only: a read that starts inside a chunk goes
         # through untallied (and the request keeps its reservation: never under-counted).
         hold = self._held or (
@@ -102,7 +100,7 @@ class StreamPipe(asyncio.BufferedProtocol):
                     return
                 self._write_settled(done)
             elif self.decoder is None:
-                self.client.write(data)
+                self._write(data)
                 self.sent += len(data)
             else:
                 self._write_decoded(data)
@@ -112,7 +110,7 @@ class StreamPipe(asyncio.BufferedProtocol):
         if done:
             self.finished = True
             self._wake(PipeEvent.DONE)
-        elif self.client.get_write_buffer_size() > HIGH_WATER and self.backend is not None:
+        elif self.client.write_paused and self.backend is not None:
             self.backend.pause_reading()
             self._wake(PipeEvent.PAUSED)
 
@@ -120,7 +118,7 @@ class StreamPipe(asyncio.BufferedProtocol):
         assert self.decoder is not None
         self._decode_buf += data
         payload = self.decoder.feed(self._decode_buf)
-        self.client.write(payload)
+        self._write(payload)
         self.sent += len(payload)
 
     def _write_settled(self, last: bool) -> None:
@@ -137,7 +135,7 @@ class StreamPipe(asyncio.BufferedProtocol):
             out = held  # nothing dropped: the backend's bytes as they came
         else:
             out = (chunk(kept) if kept else b"") + (LAST_CHUNK if last else b"")
-        self.client.write(out)
+        self._write(out)
         self.sent += len(out)
 
     def eof_received(self) -> bool:
