@@ -134,23 +134,37 @@ class BackendPool:
         while self._idle:
             self._idle.pop().close()
 
-    async def exchange(self, request: bytes) -> tuple[BackendConnection, ResponseHead]:
-        """Send a complete request and read the response head, retrying a stale socket once."""
+    async def exchange(
+        self, request: bytes, first_byte: float | None = None
+    ) -> tuple[BackendConnection, ResponseHead]:
+        """Send a complete request and read the response head, retrying a stale socket once.
+
+        ``first_byte``: seconds the head may take once the request is written (TimeoutError).
+        """
         conn = await self.acquire()
+        deadline = None if first_byte is None else asyncio.get_running_loop().time() + first_byte
         try:
-            return conn, await self._send(conn, request)
+            return conn, await self._send(conn, request, deadline)
         except BackendUnavailable:
             if not conn.reused:
                 raise
         conn = await self.connect()
-        return conn, await self._send(conn, request)
+        return conn, await self._send(conn, request, deadline)
 
     @staticmethod
-    async def _send(conn: BackendConnection, request: bytes) -> ResponseHead:
+    async def _send(
+        conn: BackendConnection, request: bytes, deadline: float | None
+    ) -> ResponseHead:
         """Write the request and read the head; the connection is closed on any failure."""
         try:
             conn.channel.write(request)
-            return await conn.read_head()
+            if deadline is None:
+                return await conn.read_head()
+            conn.channel.expire_at(deadline)
+            try:
+                return await conn.read_head()
+            finally:
+                conn.channel.expire_at(None)
         except ConnectionError as exc:
             conn.close()
             raise BackendUnavailable(f"llama-server dropped the connection: {exc}") from None

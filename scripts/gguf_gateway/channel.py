@@ -10,6 +10,12 @@ for plain protocols, far above malloc's mmap threshold: an mmap and munmap per r
 One coroutine at a time waits for more bytes with :meth:`more`. Writes go straight to
 the transport; :meth:`drain` waits only while the transport has paused us. Reading
 pauses while ``buf`` holds more than ``limit`` unconsumed bytes.
+
+A wait can have a deadline (:meth:`expire_at`): ``more`` then raises TimeoutError once
+it passes. Setting one is an assignment; the channel's one timer is armed when none is
+and, when it fires early (the deadline moved on since), re-armed, so a keep-alive
+connection serving thousands of requests creates a timer per timeout period, not per
+request.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ class Channel(asyncio.BufferedProtocol):
         "on_eof",
         "_connected",
         "_waiter",
+        "_deadline",
+        "_timer",
+        "_timer_at",
+        "expired",
         "_read_paused",
         "write_paused",
         "_drain_waiter",
@@ -55,6 +65,10 @@ class Channel(asyncio.BufferedProtocol):
         self.on_eof: Callable[[], None] | None = None
         self._connected = connected
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline: float | None = None  # loop time; None: waits are unbounded
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self.expired = False
         self._read_paused = False
         # The transport's write buffer is over its high-water mark (64 KiB by default
         # on both loops): whoever feeds this channel should wait (drain) or pause.
@@ -89,6 +103,9 @@ class Channel(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._ended()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
@@ -113,10 +130,46 @@ class Channel(asyncio.BufferedProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _due(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:
+            self._arm(loop, deadline)
+            return
+        self._deadline = None
+        self.expired = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._timer = loop.call_at(when, self._due)
+        self._timer_at = when
+
     # ------------------------------------------------------------------ caller side
 
+    def expire_at(self, deadline: float | None) -> None:
+        """Bound the waits from now on by ``deadline`` (loop time); None lifts the bound."""
+        self.expired = False
+        self._deadline = deadline
+        if deadline is None or self.lost:
+            return
+        if self._timer is None:
+            self._arm(asyncio.get_running_loop(), deadline)
+        elif deadline < self._timer_at:
+            self._timer.cancel()
+            self._arm(asyncio.get_running_loop(), deadline)
+
     async def more(self) -> bool:
-        """Wait until bytes beyond what ``buf`` holds now arrive; False at end of input."""
+        """Wait until bytes beyond what ``buf`` holds now arrive; False at end of input.
+
+        Raises TimeoutError once the deadline set by ``expire_at`` has passed.
+        """
+        if self.expired:
+            raise TimeoutError()
         if self.eof:
             return False
         size = len(self.buf)
@@ -168,6 +221,7 @@ class Channel(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Drop the connection at once, without flushing what is buffered."""
+        self._deadline = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 

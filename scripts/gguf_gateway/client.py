@@ -50,20 +50,25 @@ class ClientConnection:
         """
         buf = self.buf
         parse = self.parser.parse
-        if not buf:
-            async with asyncio.timeout(first_wait):
-                if not await self.channel.more():
+        channel = self.channel
+        loop = asyncio.get_running_loop()
+        try:
+            if not buf:
+                channel.expire_at(loop.time() + first_wait)
+                if not await channel.more():
                     return None
-        head = parse(buf)
-        if head is not None:
-            return head  # the usual case: the whole head in one read
-        async with asyncio.timeout(head_timeout):
+            head = parse(buf)
+            if head is not None:
+                return head  # the usual case: the whole head in one read
+            channel.expire_at(loop.time() + head_timeout)
             while True:
-                if not await self.channel.more():
+                if not await channel.more():
                     return None
                 head = parse(buf)
                 if head is not None:
                     return head
+        finally:
+            channel.expire_at(None)
 
     async def read_body(self, head: RequestHead, timeout: float) -> bytes:
         """The whole body (Content-Length or chunked), which must arrive within ``timeout``."""

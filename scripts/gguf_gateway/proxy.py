@@ -154,8 +154,7 @@ class _Leg:
 
     async def head(self, request: bytes, out: Responder) -> tuple[BackendConnection, ResponseHead]:
         try:
-            async with asyncio.timeout(self.config.first_byte_timeout):
-                bconn, bhead = await self.pool.exchange(request)
+            bconn, bhead = await self.pool.exchange(request, self.config.first_byte_timeout)
         except BackendUnavailable as exc:
             raise self._unreachable(out, exc) from None
         except HttpError as exc:
