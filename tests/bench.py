@@ -5,8 +5,10 @@ gateway/direct ratio, the latency the gateway adds to a small authenticated requ
 (p50/p99), the gateway's RSS per idle client connection, and, where nginx is installed,
 the gateway's CPU time per relayed SSE event and per small request against nginx's (one
 worker, an auth map, proxy_buffering off, upstream keepalive: the plain reverse proxy a
-user could put there instead). CPU time comes from /proc/<pid>/stat for both. A
-benchmark, not a test: nothing here passes or fails.
+user could put there instead). CPU time comes from /proc/<pid>/stat for both. Each event
+loop is measured (uvloop, the default where installed, first and at the top level; then
+asyncio's own loop under its name), and ``targets`` judges each. A benchmark, not a test:
+nothing here passes or fails.
 
     python tests/bench.py [--streams 1,4,16] [--tokens 256] [--requests 2000] [--idle 1000]
 """
@@ -443,6 +445,31 @@ def two_backends(
     }
 
 
+def loop_targets(figures: dict[str, object]) -> dict[str, object]:
+    """The targets, judged on one event loop's figures."""
+    stream16 = figures.get("stream_16", {})
+    small = figures["small_request"]
+    targets: dict[str, object] = {
+        "stream_16_ratio_cpu_min": 0.90,
+        "stream_16_ratio_met": isinstance(stream16, dict) and stream16.get("ratio", 0) >= 0.90,
+        "added_p50_ms_max": 0.5,
+        "added_p50_met": small["added_p50_ms"] <= 0.5,  # type: ignore[index]
+        "added_p99_ms_max": 2.0,
+        "added_p99_met": small["added_p99_ms"] <= 2.0,  # type: ignore[index]
+    }
+    versus = figures.get("vs_nginx")
+    if isinstance(versus, dict):
+        event_ratio = versus.get("stream_16", {}).get("cpu_ratio")
+        request_ratio = versus["small_request"]["cpu_ratio"]
+        targets["cpu_per_event_vs_nginx_max"] = 1.5
+        targets["cpu_per_event_met"] = event_ratio is not None and event_ratio <= 1.5
+        targets["cpu_per_request_vs_nginx_max"] = 2.0
+        targets["cpu_per_request_met"] = request_ratio <= 2.0
+    else:
+        targets["vs_nginx"] = "not measured: nginx is not installed (apt-get install nginx-light)"
+    return targets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -455,9 +482,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4, help="llama-server slots (-np)")
     parser.add_argument(
         "--loops",
-        default="asyncio,uvloop" if uvloop_available() else "asyncio",
+        # The default loop first (EVENT_LOOP=auto takes uvloop where installed, as the
+        # image does): the top-level figures and targets are that loop's.
+        default="uvloop,asyncio" if uvloop_available() else "asyncio",
         type=lambda s: s.split(","),
-        help="gateway event loops to measure (EVENT_LOOP)",
+        help="gateway event loops to measure (EVENT_LOOP); the first is reported at the top",
     )
     args = parser.parse_args()
     raise_fd_limit()
@@ -516,29 +545,13 @@ def main() -> None:
                 nginx[0].stop()
             backend.stop()
 
-    stream16 = figures.get("stream_16", {})
-    small = figures["small_request"]
     idle = figures["idle_connections"]  # measured on the first loop
-    targets = {
-        "stream_16_ratio_cpu_min": 0.90,
-        "stream_16_ratio_met": isinstance(stream16, dict) and stream16.get("ratio", 0) >= 0.90,
-        "added_p50_ms_max": 0.5,
-        "added_p50_met": small["added_p50_ms"] <= 0.5,  # type: ignore[index]
-        "added_p99_ms_max": 2.0,
-        "added_p99_met": small["added_p99_ms"] <= 2.0,  # type: ignore[index]
-        "rss_bytes_per_idle_connection_max": 16384,
-        "rss_met": idle["rss_bytes_per_connection"] <= 16384,  # type: ignore[index]
-    }
-    versus = figures.get("vs_nginx")
-    if isinstance(versus, dict):
-        event_ratio = versus.get("stream_16", {}).get("cpu_ratio")
-        request_ratio = versus["small_request"]["cpu_ratio"]
-        targets["cpu_per_event_vs_nginx_max"] = 1.5
-        targets["cpu_per_event_met"] = event_ratio is not None and event_ratio <= 1.5
-        targets["cpu_per_request_vs_nginx_max"] = 2.0
-        targets["cpu_per_request_met"] = request_ratio <= 2.0
-    else:
-        targets["vs_nginx"] = "not measured: nginx is not installed (apt-get install nginx-light)"
+    targets = loop_targets(figures)
+    targets["rss_bytes_per_idle_connection_max"] = 16384
+    targets["rss_met"] = idle["rss_bytes_per_connection"] <= 16384  # type: ignore[index]
+    for loop in args.loops[1:]:
+        if isinstance(figures.get(loop), dict):
+            targets[loop] = loop_targets(figures[loop])  # type: ignore[arg-type]
     report = {
         "machine": {
             "cpus": os.cpu_count(),

@@ -113,7 +113,8 @@ class BackendPool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return BackendConnection(channel)
 
-    async def acquire(self) -> BackendConnection:
+    def idle(self) -> BackendConnection | None:
+        """A warm connection from the pool, if one is still fresh."""
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -121,7 +122,7 @@ class BackendPool:
                 conn.reused = True
                 return conn
             conn.close()
-        return await self.connect()
+        return None
 
     def release(self, conn: BackendConnection, reusable: bool) -> None:
         if reusable and not conn.buf and len(self._idle) < POOL_MAX_IDLE:
@@ -141,7 +142,7 @@ class BackendPool:
 
         ``first_byte``: seconds the head may take once the request is written (TimeoutError).
         """
-        conn = await self.acquire()
+        conn = self.idle() or await self.connect()
         deadline = None if first_byte is None else asyncio.get_running_loop().time() + first_byte
         try:
             return conn, await self._send(conn, request, deadline)

@@ -91,10 +91,15 @@ class RequestHead:
     chunked: bool = False
     keep_alive: bool = True
     expect_continue: bool = False
+    _first_values: dict[str, str] | None = None
 
     def get(self, name: str) -> str | None:
         """The first value of header ``name`` (lower case), or None."""
-        return _first(self.headers, name)
+        index = self._first_values
+        if index is None:
+            # Built once, in C: reversed, so the first of repeated fields is kept.
+            index = self._first_values = dict(reversed(self.headers))
+        return index.get(name)
 
     @property
     def has_body(self) -> bool:
@@ -532,11 +537,11 @@ def parse_response_head(buf: bytearray, limits: Limits) -> ResponseHead | None:
     return head
 
 
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
 def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _REASONS.get(status, "Unknown")
 
 
 def response_head_bytes(status: int, headers: list[tuple[str, str]]) -> bytes:

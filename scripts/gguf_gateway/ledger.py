@@ -22,6 +22,8 @@ from typing import IO, Any
 log = logging.getLogger("gateway")
 
 MAX_BYTES = 64 * 1024 * 1024
+# One encoder for every line: json.dumps with options builds a new encoder per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 FLUSH_SECONDS = 1.0
 FIELD_LIMIT = 128
 
@@ -76,7 +78,7 @@ class UsageLedger:
     def record(self, entry: dict[str, Any]) -> None:
         if self._broken:
             return
-        self._pending.append(json.dumps(entry, separators=(",", ":")) + "\n")
+        self._pending.append(_ENCODE(entry) + "\n")
         if self._flush_handle is None:
             try:
                 loop = asyncio.get_running_loop()
