@@ -13,7 +13,7 @@ import asyncio
 import socket
 import time
 
-from .channel import Channel
+from .channel import Channel, channel_type
 from .http11 import ChunkedDecoder, HttpError, Limits, ResponseHead, parse_response_head
 
 POOL_IDLE_SECONDS = 4.0
@@ -96,8 +96,9 @@ class BackendPool:
     async def connect(self) -> BackendConnection:
         try:
             async with asyncio.timeout(self.connect_timeout):
+                kind = channel_type()
                 transport, channel = await asyncio.get_running_loop().create_connection(
-                    lambda: Channel(BACKEND_BUFFER), self.host, self.port
+                    lambda: kind(BACKEND_BUFFER), self.host, self.port
                 )
         except TimeoutError:
             # Not the client's timeout: a backend that does not accept is unreachable.

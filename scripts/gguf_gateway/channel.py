@@ -1,11 +1,13 @@
 """One TCP connection's bytes, for either side of the gateway: a protocol, not streams.
 
 Both the client side (client.py) and the backend side (backend.py) read through a
-:class:`Channel`. It is a buffered protocol: the transport receives into one
-preallocated buffer and the channel appends what came to ``buf``, which the sans-IO
-parsers (http11.py) consume in place. asyncio's streams would cost a second buffer and,
-on the selector loop, a 256 KiB allocation for every recv (the transport's read size
-for plain protocols, far above malloc's mmap threshold: an mmap and munmap per read).
+:class:`Channel`, which appends what arrives to ``buf``, where the sans-IO parsers
+(http11.py) consume it in place; asyncio's streams would cost a second buffer and a task
+wake-up per read. On asyncio's own (selector) loop a channel is a buffered protocol
+(:class:`BufferedChannel`): a plain protocol there gets a fresh ``recv(256 KiB)`` per
+read, far above malloc's mmap threshold (an mmap, mremap and munmap each time), while a
+buffered one receives into one preallocated buffer. uvloop reads into a buffer of its
+own and makes one call per read for a plain protocol, so there a channel is plain.
 
 One coroutine at a time waits for more bytes with :meth:`more`. Writes go straight to
 the transport; :meth:`drain` waits only while the transport has paused us. Reading
@@ -21,6 +23,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+from asyncio import selector_events
 from collections.abc import Callable
 from typing import cast
 
@@ -32,7 +35,17 @@ READ_SIZE = 65536
 RECEIVE_BUFFER = memoryview(bytearray(READ_SIZE))
 
 
-class Channel(asyncio.BufferedProtocol):
+def buffered_loop() -> bool:
+    """Whether the running loop is asyncio's selector loop, where reads are buffered."""
+    return isinstance(asyncio.get_running_loop(), selector_events.BaseSelectorEventLoop)
+
+
+def channel_type() -> type[Channel]:
+    """The channel class for the running loop (see the module's docstring)."""
+    return BufferedChannel if buffered_loop() else Channel
+
+
+class Channel(asyncio.Protocol):
     __slots__ = (
         "transport",
         "buf",
@@ -84,11 +97,8 @@ class Channel(asyncio.BufferedProtocol):
         if self._connected is not None:
             self._connected(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return RECEIVE_BUFFER
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.buf += RECEIVE_BUFFER[:nbytes]
+    def data_received(self, data: bytes | memoryview) -> None:
+        self.buf += data
         if len(self.buf) > self.limit and self.transport is not None:
             self.transport.pause_reading()
             self._read_paused = True
@@ -229,3 +239,15 @@ class Channel(asyncio.BufferedProtocol):
         """Close after what is buffered is written."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+class BufferedChannel(Channel, asyncio.BufferedProtocol):
+    """A channel that receives into the shared buffer: for asyncio's selector loop."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return RECEIVE_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(RECEIVE_BUFFER[:nbytes])

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import cast
 
 from .backend import BACKEND_LIMITS
-from .channel import RECEIVE_BUFFER, Channel
+from .channel import RECEIVE_BUFFER, Channel, buffered_loop
 from .http11 import LAST_CHUNK, ChunkedDecoder, ChunkedScanner, HttpError, chunk
 from .sse import USAGE_MARK, UsageTally
 
@@ -31,7 +31,7 @@ class BackendClosed(Exception):
     """llama-server closed or reset the connection before the stream's end."""
 
 
-class StreamPipe(asyncio.BufferedProtocol):
+class StreamPipe(asyncio.Protocol):
     """Relays one stream; reads that carry usage are held to a chunk boundary and tallied.
 
     ``tally``: where the usage of each finished task is summed (None: not read).
@@ -75,12 +75,6 @@ class StreamPipe(asyncio.BufferedProtocol):
             self._waiter.set_exception(outcome)
         else:
             self._waiter.set_result(outcome)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return RECEIVE_BUFFER
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(RECEIVE_BUFFER[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         if self.finished:
@@ -155,3 +149,18 @@ class StreamPipe(asyncio.BufferedProtocol):
     def resume(self) -> None:
         if self.backend is not None and not self.backend.is_closing():
             self.backend.resume_reading()
+
+
+class BufferedStreamPipe(StreamPipe, asyncio.BufferedProtocol):
+    """A pipe that receives into the shared buffer: for asyncio's selector loop."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return RECEIVE_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(RECEIVE_BUFFER[:nbytes].tobytes())
+
+
+def stream_pipe_type() -> type[StreamPipe]:
+    """The pipe class for the running loop (channel.py says why they differ)."""
+    return BufferedStreamPipe if buffered_loop() else StreamPipe

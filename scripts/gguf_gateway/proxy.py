@@ -31,7 +31,7 @@ from .config import Config
 from .errors import sse_error_event
 from .http11 import LAST_CHUNK, ChunkedDecoder, HttpError, ResponseHead, chunk
 from .backends import Backend
-from .pipe import BackendClosed, PipeEvent, StreamPipe
+from .pipe import BackendClosed, PipeEvent, StreamPipe, stream_pipe_type
 from .readiness import Readiness
 from .refusals import Refusal
 from .responses import Responder
@@ -307,7 +307,7 @@ class _Leg:
         """The hot path: hand the backend transport to a StreamPipe until the stream ends."""
         client = out.channel
         assert client.transport is not None and bconn.channel.transport is not None
-        pipe = StreamPipe(
+        pipe = stream_pipe_type()(
             client, decode=not fwd.http11, tally=out.ex.tally, strip_usage=fwd.strip_usage
         )
         watchdog = IdleWatchdog(self.config.stream_idle_timeout, pipe)

@@ -18,7 +18,7 @@ from .access import AccessControl
 from .accounting import Accounting
 from .backend import BackendPool
 from .backends import Backend, BackendSet
-from .channel import Channel
+from .channel import Channel, channel_type
 from .client import MAX_PIPELINED, ClientConnection
 from .config import Config
 from .endpoints import LocalEndpoints
@@ -86,12 +86,14 @@ class Gateway:
         self._connections: dict[Channel, ClientConnection] = {}
         self._idle_event = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._channel: type[Channel] = Channel
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> asyncio.Server:
         if self.shared is not None:
             self.shared.start()
+        self._channel = channel_type()
         self._server = await asyncio.get_running_loop().create_server(
             self._accept, self.config.host, self.config.port, backlog=2048
         )
@@ -140,7 +142,7 @@ class Gateway:
         return False
 
     def _accept(self) -> Channel:
-        return Channel(MAX_PIPELINED, self._connected)
+        return self._channel(MAX_PIPELINED, self._connected)
 
     def _connected(self, channel: Channel) -> None:
         conn = ClientConnection(channel, self.limits)
