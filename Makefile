@@ -62,7 +62,7 @@ bench: setup ## gateway vs llama-server direct and nginx; prints one JSON object
 	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y -qq nginx-light >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }; fi
-	$(PY) tests/bench.py
+	@$(PY) tests/bench.py
 
 soak: setup ## the mixed-load soak for SOAK_SECONDS (default 300) instead of seconds
 	SOAK_SECONDS=$${SOAK_SECONDS:-300} $(PY) -m pytest tests/test_hardening.py -k soak
