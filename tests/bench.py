@@ -6,8 +6,8 @@ gateway/direct ratio, the latency the gateway adds to a small authenticated requ
 the gateway's CPU time per relayed SSE event and per small request against nginx's (one
 worker, an auth map, proxy_buffering off, upstream keepalive: the plain reverse proxy a
 user could put there instead). CPU time comes from /proc/<pid>/stat for both. Each event
-loop is measured (asyncio's, the default, first and at the top level; then uvloop under
-its name, where installed), and ``targets`` judges each. A benchmark, not a test:
+loop is measured (uvloop, the default where installed, first and at the top level; then
+asyncio's own loop under its name), and ``targets`` judges each. A benchmark, not a test:
 nothing here passes or fails.
 
     python tests/bench.py [--streams 1,4,16] [--tokens 256] [--requests 2000] [--idle 1000]
@@ -482,8 +482,9 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4, help="llama-server slots (-np)")
     parser.add_argument(
         "--loops",
-        # The default loop (asyncio's) first: the top-level figures and targets are its.
-        default="asyncio,uvloop" if uvloop_available() else "asyncio",
+        # The default loop first (EVENT_LOOP=auto takes uvloop where installed, as the
+        # image does): the top-level figures and targets are that loop's.
+        default="uvloop,asyncio" if uvloop_available() else "asyncio",
         type=lambda s: s.split(","),
         help="gateway event loops to measure (EVENT_LOOP); the first is reported at the top",
     )

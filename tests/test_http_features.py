@@ -141,7 +141,7 @@ def test_http10_client_gets_a_plain_close_delimited_stream(gateway: GatewayHandl
 @pytest.mark.parametrize(
     "choice, runs",
     [
-        pytest.param("auto", "event loop: uvloop", id="auto-takes-uvloop"),
+        pytest.param("auto", "event loop: uvloop", id="default-takes-uvloop"),
         pytest.param("asyncio", "event loop: asyncio", id="stdlib-loop"),
     ],
 )

@@ -203,7 +203,7 @@ class Config:
     metrics_auth_enabled: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
-    event_loop: str = "asyncio"
+    event_loop: str = "auto"
     state_file: Path | None = None
     download_file: Path | None = None
     log_dir: Path = Path("/data/logs")
@@ -260,7 +260,7 @@ class Config:
             redis_lease_seconds=_seconds(env, "REDIS_LEASE_SECONDS", 30.0),
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
-            event_loop=_choice(env, "EVENT_LOOP", "asyncio", ("auto", "asyncio", "uvloop")),
+            event_loop=_choice(env, "EVENT_LOOP", "auto", ("auto", "asyncio", "uvloop")),
             state_file=Path(state_file) if state_file else None,
             download_file=(
                 Path(download) if (download := env.get("GATEWAY_DOWNLOAD_FILE")) else None
