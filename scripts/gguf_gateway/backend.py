@@ -160,8 +160,6 @@ class BackendPool:
         """Write the request and read the head; the connection is closed on any failure."""
         try:
             conn.channel.write(request)
-            if deadline is None:
-                return await conn.read_head()
             conn.channel.expire_at(deadline)
             try:
                 return await conn.read_head()

@@ -183,10 +183,7 @@ class Channel(asyncio.Protocol):
         if self.eof:
             return False
         size = len(self.buf)
-        if self._read_paused:
-            self._read_paused = False
-            assert self.transport is not None
-            self.transport.resume_reading()
+        self._resume_reading()
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
             await waiter
@@ -198,11 +195,15 @@ class Channel(asyncio.Protocol):
         """The first ``length`` bytes of ``buf``, removed from it."""
         data = bytes(self.buf[:length])
         del self.buf[:length]
-        if self._read_paused and len(self.buf) <= self.limit:
+        if len(self.buf) <= self.limit:
+            self._resume_reading()
+        return data
+
+    def _resume_reading(self) -> None:
+        if self._read_paused:
             self._read_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
-        return data
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None

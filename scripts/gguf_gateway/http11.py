@@ -17,7 +17,7 @@ chunk sizes are bounded hex, no obs-fold, no control bytes in field values.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 __all__ = [
@@ -91,7 +91,8 @@ class RequestHead:
     chunked: bool = False
     keep_alive: bool = True
     expect_continue: bool = False
-    _first_values: dict[str, str] | None = None
+    # Built on first lookup; not part of what the head is.
+    _first_values: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     def get(self, name: str) -> str | None:
         """The first value of header ``name`` (lower case), or None."""
