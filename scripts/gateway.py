@@ -99,7 +99,10 @@ def main(argv: list[str]) -> int:
     raise_fd_limit(config.max_connections)
     uvloop = event_loop(config.event_loop)
     if uvloop is not None:
-        return int(uvloop.run(serve(config, keys)))
+        # A runner with uvloop's loop, not uvloop.run: distributions ship uvloop releases
+        # older than 0.18, which lack it (Debian 12 has 0.17).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(config, keys))
     return asyncio.run(serve(config, keys))
 
 

@@ -108,12 +108,17 @@ def test_unset_port_health_follows_the_platform(env: dict[str, str], expected: i
         ({"BACKENDS": "two"}, "BACKENDS"),
         ({"BACKENDS": "0"}, "BACKENDS"),
         ({"PORT": "0"}, "PORT"),
+        ({"EVENT_LOOP": "trio"}, "EVENT_LOOP"),
     ],
 )
 def test_bad_settings_are_named_and_never_echo_a_password(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_env(env)
     assert named in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_event_loop_defaults_to_auto() -> None:
+    assert Config.from_env({}).event_loop == "auto"
 
 
 def test_a_redis_url_is_accepted_with_password_and_db() -> None:
