@@ -144,7 +144,7 @@ class BackendPool:
         ``first_byte``: seconds the head may take once the request is written (TimeoutError).
         """
         conn = self.idle() or await self.connect()
-        deadline = None if first_byte is None else asyncio.get_running_loop().time() + first_byte
+        deadline = None if first_byte is None else conn.channel.time() + first_byte
         try:
             return conn, await self._send(conn, request, deadline)
         except BackendUnavailable:

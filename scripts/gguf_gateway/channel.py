@@ -48,6 +48,7 @@ def channel_type() -> type[Channel]:
 class Channel(asyncio.Protocol):
     __slots__ = (
         "transport",
+        "loop",
         "buf",
         "limit",
         "eof",
@@ -70,6 +71,9 @@ class Channel(asyncio.Protocol):
         connected: Callable[[Channel], None] | None = None,
     ) -> None:
         self.transport: asyncio.Transport | None = None
+        # Set when connected. Kept because asking asyncio for the running loop costs a
+        # getpid() system call each time (its check for a forked child).
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.buf = bytearray()
         self.limit = limit
         self.eof = False  # the peer sent FIN, or the connection is gone
@@ -94,6 +98,7 @@ class Channel(asyncio.Protocol):
         # cast, not isinstance: uvloop's transports implement the interface without
         # subclassing asyncio's classes.
         self.transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()
         if self._connected is not None:
             self._connected(self)
 
@@ -145,9 +150,8 @@ class Channel(asyncio.Protocol):
         deadline = self._deadline
         if deadline is None:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() < deadline:
-            self._arm(loop, deadline)
+        if self._loop().time() < deadline:
+            self._arm(deadline)
             return
         self._deadline = None
         self.expired = True
@@ -155,9 +159,18 @@ class Channel(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        self._timer = loop.call_at(when, self._due)
+    def _arm(self, when: float) -> None:
+        self._timer = self._loop().call_at(when, self._due)
         self._timer_at = when
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = self.loop
+        assert loop is not None, "a channel is used once connected"
+        return loop
+
+    def time(self) -> float:
+        """The loop's clock, which deadlines are set in."""
+        return self._loop().time()
 
     # ------------------------------------------------------------------ caller side
 
@@ -168,10 +181,10 @@ class Channel(asyncio.Protocol):
         if deadline is None or self.lost:
             return
         if self._timer is None:
-            self._arm(asyncio.get_running_loop(), deadline)
+            self._arm(deadline)
         elif deadline < self._timer_at:
             self._timer.cancel()
-            self._arm(asyncio.get_running_loop(), deadline)
+            self._arm(deadline)
 
     async def more(self) -> bool:
         """Wait until bytes beyond what ``buf`` holds now arrive; False at end of input.
@@ -184,7 +197,7 @@ class Channel(asyncio.Protocol):
             return False
         size = len(self.buf)
         self._resume_reading()
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waiter = self._loop().create_future()
         try:
             await waiter
         finally:
@@ -215,7 +228,7 @@ class Channel(asyncio.Protocol):
             raise ConnectionResetError("connection lost")
         if not self.write_paused:
             return
-        waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+        waiter = self._drain_waiter = self._loop().create_future()
         try:
             await waiter
         finally:

@@ -51,16 +51,15 @@ class ClientConnection:
         buf = self.buf
         parse = self.parser.parse
         channel = self.channel
-        loop = asyncio.get_running_loop()
         try:
             if not buf:
-                channel.expire_at(loop.time() + first_wait)
+                channel.expire_at(channel.time() + first_wait)
                 if not await channel.more():
                     return None
             head = parse(buf)
             if head is not None:
                 return head  # the usual case: the whole head in one read
-            channel.expire_at(loop.time() + head_timeout)
+            channel.expire_at(channel.time() + head_timeout)
             while True:
                 if not await channel.more():
                     return None
