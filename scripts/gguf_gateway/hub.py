@@ -147,6 +147,21 @@ def _read(path: Path) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a repo at a commit, as the Hub lists it."""
+
+    ref: ModelRef
+    commit: str
+    path: str
+    size: int  # 0: not listed
+    sha256: str | None  # None: not stored in LFS, so the Hub gives no digest
+
+    @property
+    def url(self) -> str:
+        return f"/{self.ref.repo}/resolve/{self.commit}/{urllib.parse.quote(self.path)}"
+
+
 class _SameHostAuth(urllib.request.HTTPRedirectHandler):
     """Follow redirects, but never carry the token to another host (the Hub's CDN)."""
 
@@ -204,39 +219,43 @@ class Hub:
             )
         return HubUnreachable(f"{self.endpoint} answered {status}")
 
-    def listing(self, ref: ModelRef) -> tuple[str, dict[str, tuple[int, str | None]]]:
-        """The revision's commit and, per file, its size and SHA-256 (None if not LFS)."""
+    def listing(self, ref: ModelRef) -> tuple[str, dict[str, HubFile]]:
+        """The revision's commit and its files by path."""
         quoted = urllib.parse.quote(ref.revision, safe="")
         info = self._json(f"/api/models/{ref.repo}/revision/{quoted}", ref)
         commit = info.get("sha") if isinstance(info, dict) else None
         if not isinstance(commit, str):
             raise HubUnreachable("the Hub's answer names no commit")
         tree = self._json(f"/api/models/{ref.repo}/tree/{commit}?recursive=true", ref)
-        files: dict[str, tuple[int, str | None]] = {}
+        files: dict[str, HubFile] = {}
         for entry in tree if isinstance(tree, list) else []:
             if isinstance(entry, dict) and entry.get("type") == "file":
                 lfs = entry.get("lfs")
                 oid = lfs.get("oid") if isinstance(lfs, dict) else None
                 size = entry.get("size", 0)
-                files[str(entry.get("path"))] = (
+                path = str(entry.get("path"))
+                files[path] = HubFile(
+                    ref,
+                    commit,
+                    path,
                     size if isinstance(size, int) else 0,
                     oid if isinstance(oid, str) else None,
                 )
         return commit, files
 
-    def download(self, ref: ModelRef, commit: str, path: str, size: int, target: Path) -> None:
+    def download(self, file: HubFile, target: Path) -> None:
         """Fetch one file into ``target`` (resuming ``target.incomplete``), with progress."""
+        path, size = file.path, file.size
         partial = target.with_name(target.name + ".incomplete")
         have = partial.stat().st_size if partial.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
-        url = f"/{ref.repo}/resolve/{commit}/{urllib.parse.quote(path)}"
         try:
-            response = self._open(url, headers)
+            response = self._open(file.url, headers)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have:
                 partial.unlink()  # our partial file is not a prefix of theirs: start over
-                return self.download(ref, commit, path, size, target)
-            raise self._refused(exc.code, ref) from None
+                return self.download(file, target)
+            raise self._refused(exc.code, file.ref) from None
         with response as stream:  # type: ignore[attr-defined]
             if have and getattr(stream, "status", 200) != 206:
                 have = 0  # the server ignored the Range: take the whole file again
@@ -309,13 +328,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download_with_retries(
-    hub: Hub, ref: ModelRef, commit: str, path: str, size: int, blob: Path
-) -> None:
+def _download_with_retries(hub: Hub, file: HubFile, blob: Path) -> None:
     """A cut transfer is resumed where it stopped (Range), a few times before giving up."""
+    path = file.path
     for attempt in range(1, RETRIES + 1):
         try:
-            hub.download(ref, commit, path, size, blob)
+            hub.download(file, blob)
             return
         except HubUnreachable as exc:
             if attempt == RETRIES:
@@ -327,18 +345,18 @@ def _download_with_retries(
             time.sleep(attempt * 2)
 
 
-def _download_checked(
-    hub: Hub, ref: ModelRef, commit: str, path: str, size: int, sha: str | None, blob: Path
-) -> None:
+def _download_checked(hub: Hub, file: HubFile, blob: Path) -> None:
     """Download and check against the Hub's SHA-256; a bad copy is fetched again once."""
     for attempt in (1, 2):
-        _download_with_retries(hub, ref, commit, path, size, blob)
-        if sha is None or _sha256(blob) == sha:
+        _download_with_retries(hub, file, blob)
+        if file.sha256 is None or _sha256(blob) == file.sha256:
             return
         blob.unlink()
         if attempt == 1:
-            hub.log(f"{path} does not match the SHA-256 the Hub lists: fetching it again")
-    raise HubError(f"{path} from {ref.repo} does not match the SHA-256 the Hub lists for it")
+            hub.log(f"{file.path} does not match the SHA-256 the Hub lists: fetching it again")
+    raise HubError(
+        f"{file.path} from {file.ref.repo} does not match the SHA-256 the Hub lists for it"
+    )
 
 
 def fetch(ref: ModelRef, cache: Path, hub: Hub, runpod_caches: list[Path]) -> Path:
@@ -367,12 +385,14 @@ def fetch(ref: ModelRef, cache: Path, hub: Hub, runpod_caches: list[Path]) -> Pa
     root = cache / ref.cache_name
     snapshot = root / "snapshots" / commit
     for path in needed:
-        size, sha = files.get(path, (0, None))
-        blob = root / "blobs" / (sha or hashlib.sha256(f"{commit}/{path}".encode()).hexdigest())
+        # A shard named from the first one's count may be missing: its download says so.
+        file = files.get(path) or HubFile(ref, commit, path, 0, None)
+        name = file.sha256 or hashlib.sha256(f"{commit}/{path}".encode()).hexdigest()
+        blob = root / "blobs" / name
         link = snapshot / path
         if not blob.is_file():
             blob.parent.mkdir(parents=True, exist_ok=True)
-            _download_checked(hub, ref, commit, path, size, sha, blob)
+            _download_checked(hub, file, blob)
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.unlink(missing_ok=True)
