@@ -67,10 +67,13 @@ def cpu_seconds(pid: int) -> float:
     are 10 ms, coarser than nginx's whole CPU time for a run of small requests.
     """
     try:
-        return sum(
-            int((task / "schedstat").read_text().split()[0])
-            for task in Path(f"/proc/{pid}/task").iterdir()
-        ) / 1e9
+        return (
+            sum(
+                int((task / "schedstat").read_text().split()[0])
+                for task in Path(f"/proc/{pid}/task").iterdir()
+            )
+            / 1e9
+        )
     except (OSError, ValueError, IndexError):
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -138,6 +141,18 @@ def start_nginx(work: Path, backend_port: int) -> tuple[Process, int] | None:
         10,
         "nginx",
     )
+    return proc, port
+
+
+def start_floor(work: Path, backend_port: int, loop: str) -> tuple[Process, int]:
+    """The no-logic relay (support/floor_relay.py) on event loop ``loop``."""
+    port = free_port()
+    relay = Path(__file__).resolve().parent / "support" / "floor_relay.py"
+    args = [sys.executable, str(relay), str(port), str(backend_port), BACKEND_KEY, loop]
+    proc = Process(args, dict(os.environ), work / f"floor-{loop}.log").start()
+    wait_until(lambda: answers(port, "/health", 200) or not proc.alive(), 10, "the floor relay")
+    if not proc.alive():
+        raise RuntimeError(f"floor relay exited:\n{proc.log()[-2000:]}")
     return proc, port
 
 
@@ -304,9 +319,16 @@ def paired(gateway: list[float], nginx: list[float]) -> dict[str, float]:
 
 
 async def versus_nginx(
-    args: argparse.Namespace, gateway: tuple[int, int], nginx: tuple[int, int]
+    args: argparse.Namespace,
+    gateway: tuple[int, int],
+    nginx: tuple[int, int],
+    floor: tuple[int, int],
 ) -> dict[str, object]:
-    """CPU per relayed SSE event and per small request: gateway against nginx, paired runs."""
+    """CPU per relayed SSE event and per small request: gateway against nginx, paired runs.
+
+    Small requests also go through the floor relay: what a Python relay on the same
+    event loop costs before doing any of the gateway's work.
+    """
     result: dict[str, object] = {}
     sides = (("gateway", gateway), ("nginx", nginx))
     for concurrency in args.streams:
@@ -329,14 +351,16 @@ async def versus_nginx(
             "cpu_ratio_max": events["cpu_ratio_max"],
         }
     await latencies(nginx[0], CLIENT_KEY, 100)
-    times: dict[str, list[float]] = {"gateway": [], "nginx": []}
-    per_request: dict[str, list[float]] = {"gateway": [], "nginx": []}
+    await latencies(floor[0], CLIENT_KEY, 100)
+    times: dict[str, list[float]] = {"gateway": [], "nginx": [], "floor": []}
+    per_request: dict[str, list[float]] = {"gateway": [], "nginx": [], "floor": []}
     for _ in range(args.repeat):
-        for name, (port, pid) in sides:
+        for name, (port, pid) in (*sides, ("floor", floor)):
             ms, cpu = await cpu_per_request(port, pid, args.requests)
             times[name].extend(ms)
             per_request[name].append(cpu)
     requests = paired(per_request["gateway"], per_request["nginx"])
+    floor_cost = paired(per_request["floor"], per_request["nginx"])
     result["small_request"] = {
         "gateway_p50_ms": round(pct(times["gateway"], 0.5), 3),
         "gateway_p99_ms": round(pct(times["gateway"], 0.99), 3),
@@ -347,6 +371,8 @@ async def versus_nginx(
         "cpu_ratio": requests["cpu_ratio"],
         "cpu_ratio_min": requests["cpu_ratio_min"],
         "cpu_ratio_max": requests["cpu_ratio_max"],
+        "floor_cpu_us_per_request": floor_cost["gateway"],
+        "floor_cpu_ratio": floor_cost["cpu_ratio"],
     }
     return result
 
@@ -358,6 +384,7 @@ async def run(
     gateway_pid: int,
     idle: bool,
     nginx: tuple[int, int] | None,
+    floor: tuple[int, int] | None,
 ) -> dict[str, object]:
     result: dict[str, object] = {}
     for concurrency in args.streams:
@@ -399,8 +426,8 @@ async def run(
         "added_p50_ms": round(pct(gateway_ms, 0.5) - pct(direct_ms, 0.5), 3),
         "added_p99_ms": round(pct(gateway_ms, 0.99) - pct(direct_ms, 0.99), 3),
     }
-    if nginx is not None:
-        result["vs_nginx"] = await versus_nginx(args, (gateway_port, gateway_pid), nginx)
+    if nginx is not None and floor is not None:
+        result["vs_nginx"] = await versus_nginx(args, (gateway_port, gateway_pid), nginx, floor)
     if idle:
         result["idle_connections"] = await idle_connections(gateway_port, gateway_pid, args.idle)
     return result
@@ -556,6 +583,7 @@ def main() -> None:
                     },
                     work / f"gateway-{loop}.log",
                 )
+                floor = start_floor(work, backend_port, loop) if nginx else None
                 try:
                     first = not figures
                     measured = asyncio.run(
@@ -566,10 +594,13 @@ def main() -> None:
                             gateway.pid,
                             idle=first,
                             nginx=(nginx[1], nginx[0].pid) if nginx else None,
+                            floor=(floor[1], floor[0].pid) if floor else None,
                         )
                     )
                 finally:
                     gateway.stop()
+                    if floor is not None:
+                        floor[0].stop()
                 if first:
                     figures = measured
                     figures["event_loop"] = loop

@@ -1,0 +1,150 @@
+"""The floor under the bench's small-request figure: a relay with no logic at all.
+
+Built as the gateway is (an asyncio protocol per connection feeding one coroutine per
+client connection, pooled keep-alive connections to llama-server) but doing nothing
+between the sockets: no validation, no key, no limit, no body check, no accounting.
+What it costs per request is what any Python relay on that event loop pays before it
+does any of the gateway's work; the bench reports it beside the gateway and nginx.
+
+    python tests/support/floor_relay.py PORT BACKEND_PORT BACKEND_KEY asyncio|uvloop
+
+It understands exactly the bench's requests (Content-Length bodies, Content-Length
+responses); anything else is out of scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Callable, cast
+
+END = b"\r\n\r\n"
+
+
+class Side(asyncio.Protocol):
+    """Bytes in, one waiter woken."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def more(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.closed:
+            raise ConnectionError("closed")
+        self.waiter = loop.create_future()
+        await self.waiter
+
+    async def message(self, loop: asyncio.AbstractEventLoop) -> tuple[bytes, bytes]:
+        """One head (without its blank line) and its Content-Length body."""
+        while (end := self.buf.find(END)) < 0:
+            await self.more(loop)
+        head = bytes(self.buf[:end])
+        length = content_length(head)
+        while len(self.buf) < end + 4 + length:
+            await self.more(loop)
+        body = bytes(self.buf[end + 4 : end + 4 + length])
+        del self.buf[: end + 4 + length]
+        return head, body
+
+
+class ClientSide(Side):
+    """A client connection: its coroutine starts once the transport is there."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__()
+        self.relay = relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        # Held here: the loop keeps only weak references to tasks.
+        self.task = loop.create_task(self.relay.serve(self, loop))
+
+
+def content_length(head: bytes) -> int:
+    start = head.lower().find(b"\r\ncontent-length:")
+    if start < 0:
+        return 0
+    end = head.find(b"\r\n", start + 2)
+    return int(head[start + 17 : end if end >= 0 else len(head)])
+
+
+class Relay:
+    def __init__(self, backend_port: int, backend_key: str) -> None:
+        self.backend_port = backend_port
+        self.auth = f"Authorization: Bearer {backend_key}\r\n".encode()
+        self.idle: list[Side] = []
+
+    async def backend(self, loop: asyncio.AbstractEventLoop) -> Side:
+        while self.idle:
+            side = self.idle.pop()
+            if not side.closed:
+                return side
+        _, side = await loop.create_connection(Side, "127.0.0.1", self.backend_port)
+        return side
+
+    def client(self) -> ClientSide:
+        return ClientSide(self)
+
+    async def serve(self, client: Side, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while True:
+                head, body = await client.message(loop)
+                line = head[: head.find(b"\r\n")]
+                request = b"%s\r\nHost: llama\r\n%sContent-Type: application/json\r\n" % (
+                    line,
+                    self.auth,
+                )
+                request += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                backend = await self.backend(loop)
+                assert backend.transport is not None
+                backend.transport.write(request)
+                response_head, response_body = await backend.message(loop)
+                if b"connection: close" in response_head.lower():
+                    backend.transport.close()
+                else:
+                    self.idle.append(backend)
+                assert client.transport is not None
+                client.transport.write(response_head + END + response_body)
+        except ConnectionError:
+            pass
+        finally:
+            if client.transport is not None:
+                client.transport.close()
+
+
+async def main(port: int, backend_port: int, backend_key: str) -> None:
+    relay = Relay(backend_port, backend_key)
+    server = await asyncio.get_running_loop().create_server(relay.client, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    port_arg, backend_arg, key_arg, loop_arg = sys.argv[1:5]
+    factory: Callable[[], asyncio.AbstractEventLoop]
+    if loop_arg == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main(int(port_arg), int(backend_arg), key_arg))
