@@ -434,8 +434,17 @@ def busy_backends(stack: Stack) -> int:
 LONG_SYSTEM = "You answer questions about the sea, briefly and kindly. " * 20
 
 
-def ask(stack: Stack, user: str, tokens: int = 4, system: str = LONG_SYSTEM) -> int:
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0)
+def ask(
+    stack: Stack,
+    user: str,
+    tokens: int = 4,
+    system: str = LONG_SYSTEM,
+    client: openai.OpenAI | None = None,
+) -> int:
+    if client is None:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0
+        )
     reply = client.chat.completions.create(
         model="tiny",
         messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -461,11 +470,15 @@ def test_two_backends_share_the_load_and_keep_long_prefixes_together(
     after = routed(stack)
     assert sorted(a - b for a, b in zip(after, before)) == [0, 3]
     # While the warm backend is busy with one of them, the next goes to the other one.
+    # The long one runs about a second here (the model's whole context); the next is sent
+    # as soon as the first is seen busy, on a client made beforehand, so that it is
+    # routed well within that second even on a loaded machine.
+    ready = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0)
     with ThreadPoolExecutor(1) as pool:
-        long_one = pool.submit(ask, stack, "deep?", 2000)
-        wait_until(lambda: busy_backends(stack) == 1, 30, "the first to hold its slot")
-        ask(stack, "far?")
-        assert long_one.result() == 2000
+        long_one = pool.submit(ask, stack, "deep?", 2600)
+        wait_until(lambda: busy_backends(stack) == 1, 30, "the first to hold its slot", 0.01)
+        ask(stack, "far?", client=ready)
+        assert long_one.result() == 2600
     final = routed(stack)
     assert [f - a for f, a in zip(final, after)] == [1, 1]
     assert "backends:      2 llama-servers" in stack.proc.log()
