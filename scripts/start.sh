@@ -354,12 +354,32 @@ llama_args() {
   [[ -n "${NGL:-}" ]] && printf '%s\n' -ngl "$NGL"
   [[ -n "${CTX:-}" ]] && printf '%s\n' -c "$CTX"
   [[ -n "${PARALLEL:-}" ]] && printf '%s\n' -np "$PARALLEL"
+  local threads
+  threads="$(backend_threads)"
+  [[ -n "$threads" ]] && printf '%s\n' --threads "$threads"
   if [[ -n "${EXTRA_ARGS:-}" ]]; then
     local -a extra
     read -r -a extra <<<"$EXTRA_ARGS"
     printf '%s\n' "${extra[@]}"
   fi
   return 0
+}
+
+# backend_threads: with several llama-servers, each one's share of the CPUs, unless the
+# operator chose (-t/--threads in EXTRA_ARGS, or LLAMA_ARG_THREADS); empty otherwise.
+# Each would spin a thread per core: two generating at once on 2 cores ran 40x slower.
+backend_threads() {
+  ((${BACKEND_COUNT:-1} > 1)) || return 0
+  [[ -z "${LLAMA_ARG_THREADS:-}" ]] || return 0
+  local word
+  local -a extra=()
+  read -r -a extra <<<"${EXTRA_ARGS:-}"
+  for word in "${extra[@]}"; do
+    case "$word" in -t | --threads | -t=* | --threads=*) return 0 ;; esac
+  done
+  local cpus
+  cpus="$(nproc 2>/dev/null || echo 1)"
+  echo $((cpus / BACKEND_COUNT > 1 ? cpus / BACKEND_COUNT : 1))
 }
 
 # The base image and users may set these; the supervisor owns host, port and key.
@@ -458,7 +478,9 @@ boot_diagnostics() {
       placement+=" 127.0.0.1:$((PORT_BACKEND + i))"
       ((${#GPUS[@]})) && placement+="(GPU ${GPUS[i % ${#GPUS[@]}]})"
     done
-    log "backends:      $BACKEND_COUNT llama-servers:$placement"
+    local threads
+    threads="$(backend_threads)"
+    log "backends:      $BACKEND_COUNT llama-servers:$placement${threads:+, $threads CPU thread(s) each}"
   fi
   if [[ "$platform" == "vastai" ]]; then
     # Vast.ai maps each exposed port to a random external one: say which.

@@ -481,7 +481,10 @@ def test_two_backends_share_the_load_and_keep_long_prefixes_together(
         assert long_one.result() == 2600
     final = routed(stack)
     assert [f - a for f, a in zip(final, after)] == [1, 1]
-    assert "backends:      2 llama-servers" in stack.proc.log()
+    log = stack.proc.log()
+    assert "backends:      2 llama-servers" in log
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"{threads} CPU thread(s) each" in log  # not a thread per core each
 
 
 def test_one_of_two_backends_dying_ends_the_container_and_drain_waits_for_both(

@@ -198,9 +198,10 @@ def test_model_resolution(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "MODEL_PATH=/no/such.gguf" in missing.stderr
 
 
-def llama_args(env: dict[str, str]) -> list[str]:
+def llama_args(env: dict[str, str], backends: int = 1) -> list[str]:
     result = sourced(
-        "MODEL_MODE=single MODEL_FILE=/m.gguf; llama_args /models /run/key",
+        f"MODEL_MODE=single MODEL_FILE=/m.gguf BACKEND_COUNT={backends}; "
+        "llama_args /models /run/key",
         {"PORT_BACKEND": "9999", **env},
     )
     assert result.returncode == 0, result.stderr
@@ -227,6 +228,18 @@ def test_llama_flags_are_passed_only_when_set() -> None:
         "on",
         "--jinja",
     ]
+
+
+def test_several_llama_servers_share_the_cpus_unless_threads_are_chosen() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    share = llama_args({}, backends=2)
+    assert share[share.index("--threads") + 1] == str(max(1, cpus // 2))
+    assert llama_args({}, backends=64)[-1] == "1"  # never fewer than one
+    assert "--threads" not in llama_args({}, backends=1)
+    chosen = llama_args({"EXTRA_ARGS": "--jinja -t 3"}, backends=2)
+    assert "--threads" not in chosen and chosen[-3:] == ["--jinja", "-t", "3"]
+    assert "--threads" not in llama_args({"EXTRA_ARGS": "--threads=3"}, backends=2)
+    assert "--threads" not in llama_args({"LLAMA_ARG_THREADS": "3"}, backends=2)
 
 
 def test_models_dir_layout_flat_files_and_one_model_subdirectories(tmp_path: Path) -> None:
