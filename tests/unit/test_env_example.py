@@ -17,6 +17,9 @@ SH_READS = [
 ]
 # Standard process environment, not configuration.
 NOT_CONFIG = {"PATH", "HOME", "PWD", "PYTHONPATH", "SECONDS", "BASH_SOURCE"}
+# llama-server's own settings, which reach it unchanged: an empty one in an env file would
+# reach it too, so the example names them in comments only.
+LLAMA_SERVER_OWN = {"LLAMA_ARG_THREADS"}
 
 
 def variables_read() -> set[str]:
@@ -32,7 +35,7 @@ def variables_read() -> set[str]:
         for pattern in SH_READS:
             found.update(pattern.findall(text))
         found -= internal_state(text)
-    return found - NOT_CONFIG
+    return found - NOT_CONFIG - LLAMA_SERVER_OWN
 
 
 def internal_state(script: str) -> set[str]:
@@ -49,6 +52,12 @@ def test_every_variable_the_code_reads_is_in_env_example() -> None:
     read = variables_read()
     assert {"PORT", "MAX_QUEUE_SIZE", "MODEL_NAME", "STREAM_IDLE_TIMEOUT"} <= read  # the scan works
     assert read - listed == set()
+
+
+def test_llama_servers_own_settings_are_named_in_comments() -> None:
+    text = (ROOT / ".env.example").read_text()
+    for name in LLAMA_SERVER_OWN:
+        assert name in text and not re.search(rf"^{name}=", text, re.M)
 
 
 def test_env_example_defaults_match_the_gateway_defaults() -> None:
