@@ -255,6 +255,13 @@ class Hub:
             if exc.code == 416 and have:
                 partial.unlink()  # our partial file is not a prefix of theirs: start over
                 return self.download(file, target)
+            if exc.code == 404:
+                # The repo was listed a moment ago: it is this file that is missing (a
+                # shard the first one's name counts but the repo does not have).
+                raise HubError(
+                    f"{path} is not in MODEL_REPO={file.ref.repo} at commit {file.commit[:12]}: "
+                    "the model's files there are incomplete"
+                ) from None
             raise self._refused(exc.code, file.ref) from None
         with response as stream:  # type: ignore[attr-defined]
             if have and getattr(stream, "status", 200) != 206:

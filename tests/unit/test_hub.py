@@ -99,6 +99,18 @@ def test_the_hub_down_and_nothing_cached_exits_2_naming_hf_endpoint(tmp_path: Pa
     assert result.returncode == 2 and "HF_ENDPOINT" in result.stderr
 
 
+def test_a_shard_the_repo_lacks_exits_2_naming_it(tmp_path: Path) -> None:
+    first = {"Big-Q4_K_M-00001-of-00002.gguf": b"GGUF" + os.urandom(1000)}
+    server = FakeHub({"owner/big": HubRepo(first)}).start()
+    try:
+        result = fetch(tmp_path, server.url, MODEL_REPO="owner/big")
+    finally:
+        server.stop()
+    assert result.returncode == 2, result.stderr
+    assert "Big-Q4_K_M-00002-of-00002.gguf is not in MODEL_REPO=owner/big" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_gated_repo_needs_a_token_that_is_never_shown(hub: FakeHub, tmp_path: Path) -> None:
     without = fetch(tmp_path, hub.url, MODEL_REPO="owner/gated")
     assert without.returncode == 2 and "HF_TOKEN" in without.stderr
