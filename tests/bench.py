@@ -326,21 +326,23 @@ async def versus_nginx(
 ) -> dict[str, object]:
     """CPU per relayed SSE event and per small request: gateway against nginx, paired runs.
 
-    Small requests also go through the floor relay: what a Python relay on the same
-    event loop costs before doing any of the gateway's work.
+    Both also go through the floor relay: what a Python relay on the same event loop
+    costs before doing any of the gateway's work.
     """
     result: dict[str, object] = {}
-    sides = (("gateway", gateway), ("nginx", nginx))
+    sides = (("gateway", gateway), ("nginx", nginx), ("floor", floor))
     for concurrency in args.streams:
         rounds = max(4, 64 // concurrency)
-        per_event: dict[str, list[float]] = {"gateway": [], "nginx": []}
-        rates: dict[str, list[float]] = {"gateway": [], "nginx": []}
+        per_event: dict[str, list[float]] = {name: [] for name, _ in sides}
+        rates: dict[str, list[float]] = {name: [] for name, _ in sides}
+        await streams(floor[0], CLIENT_KEY, concurrency, 32, 1)
         for _ in range(args.repeat):
             for name, (port, pid) in sides:
                 rate, cpu = await cpu_per_event(port, pid, concurrency, args.tokens, rounds)
                 rates[name].append(rate)
                 per_event[name].append(cpu)
         events = paired(per_event["gateway"], per_event["nginx"])
+        floor_events = paired(per_event["floor"], per_event["nginx"])
         result[f"stream_{concurrency}"] = {
             "gateway_events_per_s": round(statistics.median(rates["gateway"]), 1),
             "nginx_events_per_s": round(statistics.median(rates["nginx"]), 1),
@@ -349,13 +351,15 @@ async def versus_nginx(
             "cpu_ratio": events["cpu_ratio"],
             "cpu_ratio_min": events["cpu_ratio_min"],
             "cpu_ratio_max": events["cpu_ratio_max"],
+            "floor_cpu_us_per_event": floor_events["gateway"],
+            "floor_cpu_ratio": floor_events["cpu_ratio"],
         }
     await latencies(nginx[0], CLIENT_KEY, 100)
     await latencies(floor[0], CLIENT_KEY, 100)
-    times: dict[str, list[float]] = {"gateway": [], "nginx": [], "floor": []}
-    per_request: dict[str, list[float]] = {"gateway": [], "nginx": [], "floor": []}
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    per_request: dict[str, list[float]] = {name: [] for name, _ in sides}
     for _ in range(args.repeat):
-        for name, (port, pid) in (*sides, ("floor", floor)):
+        for name, (port, pid) in sides:
             ms, cpu = await cpu_per_request(port, pid, args.requests)
             times[name].extend(ms)
             per_request[name].append(cpu)

@@ -1,15 +1,18 @@
-"""The floor under the bench's small-request figure: a relay with no logic at all.
+"""The floor under the bench's CPU figures: a relay with no logic at all.
 
 Built as the gateway is (an asyncio protocol per connection feeding one coroutine per
-client connection, pooled keep-alive connections to llama-server) but doing nothing
-between the sockets: no validation, no key, no limit, no body check, no accounting.
-What it costs per request is what any Python relay on that event loop pays before it
-does any of the gateway's work; the bench reports it beside the gateway and nginx.
+client connection, pooled keep-alive connections to llama-server, a stream's reads
+written to the client from the backend's read callback) but doing nothing between the
+sockets: no validation, no key, no limit, no body check, no framing check, no
+accounting. What it costs per request or per relayed event is what any Python relay on
+that event loop pays before it does any of the gateway's work; the bench reports it
+beside the gateway and nginx.
 
     python tests/support/floor_relay.py PORT BACKEND_PORT BACKEND_KEY asyncio|uvloop
 
-It understands exactly the bench's requests (Content-Length bodies, Content-Length
-responses); anything else is out of scope.
+It understands exactly the bench's traffic (Content-Length requests; Content-Length or
+chunked responses, a chunked one ending with the read that ends in its last chunk);
+anything else is out of scope.
 """
 
 from __future__ import annotations
@@ -19,23 +22,32 @@ import sys
 from typing import Callable, cast
 
 END = b"\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Side(asyncio.Protocol):
-    """Bytes in, one waiter woken."""
+    """Bytes in, one waiter woken; or, while ``sink`` is set, bytes straight out to it."""
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.sink: asyncio.Transport | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        self._wake()
+        sink = self.sink
+        if sink is None:
+            self.buf += data
+            self._wake()
+            return
+        sink.write(data)
+        if data.endswith(LAST_CHUNK):
+            self.sink = None
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -51,17 +63,32 @@ class Side(asyncio.Protocol):
         self.waiter = loop.create_future()
         await self.waiter
 
-    async def message(self, loop: asyncio.AbstractEventLoop) -> tuple[bytes, bytes]:
-        """One head (without its blank line) and its Content-Length body."""
+    async def head(self, loop: asyncio.AbstractEventLoop) -> bytes:
+        """One head, without its blank line, taken from the buffer."""
         while (end := self.buf.find(END)) < 0:
             await self.more(loop)
         head = bytes(self.buf[:end])
-        length = content_length(head)
-        while len(self.buf) < end + 4 + length:
+        del self.buf[: end + 4]
+        return head
+
+    async def body(self, loop: asyncio.AbstractEventLoop, length: int) -> bytes:
+        while len(self.buf) < length:
             await self.more(loop)
-        body = bytes(self.buf[end + 4 : end + 4 + length])
-        del self.buf[: end + 4 + length]
-        return head, body
+        body = bytes(self.buf[:length])
+        del self.buf[:length]
+        return body
+
+    async def relay_chunked(self, loop: asyncio.AbstractEventLoop, out: asyncio.Transport) -> None:
+        """Pass a chunked body to ``out`` from the read callback until its last chunk."""
+        early = bytes(self.buf)
+        self.buf.clear()
+        if early:
+            out.write(early)
+            if early.endswith(LAST_CHUNK):
+                return
+        self.sink = out
+        while self.sink is not None:
+            await self.more(loop)
 
 
 class ClientSide(Side):
@@ -104,9 +131,12 @@ class Relay:
         return ClientSide(self)
 
     async def serve(self, client: Side, loop: asyncio.AbstractEventLoop) -> None:
+        assert client.transport is not None
+        out = client.transport
         try:
             while True:
-                head, body = await client.message(loop)
+                head = await client.head(loop)
+                body = await client.body(loop, content_length(head))
                 line = head[: head.find(b"\r\n")]
                 request = b"%s\r\nHost: llama\r\n%sContent-Type: application/json\r\n" % (
                     line,
@@ -116,18 +146,21 @@ class Relay:
                 backend = await self.backend(loop)
                 assert backend.transport is not None
                 backend.transport.write(request)
-                response_head, response_body = await backend.message(loop)
-                if b"connection: close" in response_head.lower():
+                response_head = await backend.head(loop)
+                out.write(response_head + END)
+                lower = response_head.lower()
+                if b"transfer-encoding: chunked" in lower:
+                    await backend.relay_chunked(loop, out)
+                else:
+                    out.write(await backend.body(loop, content_length(response_head)))
+                if b"connection: close" in lower:
                     backend.transport.close()
                 else:
                     self.idle.append(backend)
-                assert client.transport is not None
-                client.transport.write(response_head + END + response_body)
         except ConnectionError:
             pass
         finally:
-            if client.transport is not None:
-                client.transport.close()
+            out.close()
 
 
 async def main(port: int, backend_port: int, backend_key: str) -> None:
