@@ -10,7 +10,6 @@ no byte of the response came back, the request is retried once on a fresh connec
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 from .channel import Channel, channel_type
@@ -97,7 +96,8 @@ class BackendPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 kind = channel_type()
-                transport, channel = await asyncio.get_running_loop().create_connection(
+                # Both loops set TCP_NODELAY on TCP transports themselves.
+                _, channel = await asyncio.get_running_loop().create_connection(
                     lambda: kind(BACKEND_BUFFER), self.host, self.port
                 )
         except TimeoutError:
@@ -109,9 +109,6 @@ class BackendPool:
             raise BackendUnavailable(
                 f"cannot connect to llama-server: {exc.strerror or exc}"
             ) from None
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return BackendConnection(channel)
 
     def idle(self) -> BackendConnection | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from asyncio import selector_events
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 # What one recv may take; also what a channel buffers before it stops reading.
 READ_SIZE = 65536
@@ -35,9 +35,10 @@ READ_SIZE = 65536
 RECEIVE_BUFFER = memoryview(bytearray(READ_SIZE))
 
 
-def buffered_loop() -> bool:
-    """Whether the running loop is asyncio's selector loop, where reads are buffered."""
-    return isinstance(asyncio.get_running_loop(), selector_events.BaseSelectorEventLoop)
+def buffered_loop(loop: asyncio.AbstractEventLoop | None = None) -> bool:
+    """Whether ``loop`` (default: the running one) is asyncio's selector loop, where reads
+    are buffered."""
+    return isinstance(loop or asyncio.get_running_loop(), selector_events.BaseSelectorEventLoop)
 
 
 def channel_type() -> type[Channel]:
@@ -150,7 +151,7 @@ class Channel(asyncio.Protocol):
         deadline = self._deadline
         if deadline is None:
             return
-        if self._loop().time() < deadline:
+        if self.current_loop().time() < deadline:
             self._arm(deadline)
             return
         self._deadline = None
@@ -160,17 +161,24 @@ class Channel(asyncio.Protocol):
             waiter.set_exception(TimeoutError())
 
     def _arm(self, when: float) -> None:
-        self._timer = self._loop().call_at(when, self._due)
+        self._timer = self.current_loop().call_at(when, self._due)
         self._timer_at = when
 
-    def _loop(self) -> asyncio.AbstractEventLoop:
+    def current_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this channel runs on (set when connected)."""
         loop = self.loop
         assert loop is not None, "a channel is used once connected"
         return loop
 
     def time(self) -> float:
         """The loop's clock, which deadlines are set in."""
-        return self._loop().time()
+        return self.current_loop().time()
+
+    def current_task(self) -> asyncio.Task[Any]:
+        """The task running now (asked of this loop: no system call, see ``loop``)."""
+        task = asyncio.current_task(self.current_loop())
+        assert task is not None
+        return task
 
     # ------------------------------------------------------------------ caller side
 
@@ -197,7 +205,7 @@ class Channel(asyncio.Protocol):
             return False
         size = len(self.buf)
         self._resume_reading()
-        waiter = self._waiter = self._loop().create_future()
+        waiter = self._waiter = self.current_loop().create_future()
         try:
             await waiter
         finally:
@@ -228,7 +236,7 @@ class Channel(asyncio.Protocol):
             raise ConnectionResetError("connection lost")
         if not self.write_paused:
             return
-        waiter = self._drain_waiter = self._loop().create_future()
+        waiter = self._drain_waiter = self.current_loop().create_future()
         try:
             await waiter
         finally:

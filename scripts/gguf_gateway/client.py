@@ -141,9 +141,7 @@ class ClientWatch:
     __slots__ = ("_task", "_channel", "gone")
 
     def __init__(self, channel: Channel) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
+        self._task = channel.current_task()
         self._channel = channel
         self.gone = False
         if channel.eof:

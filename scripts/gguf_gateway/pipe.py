@@ -61,8 +61,12 @@ class StreamPipe(asyncio.Protocol):
         self._held = bytearray()
         self.sent = 0
         self.finished = False
+        # llama-server closed its end (it does after every stream), possibly right after
+        # the last chunk: the connection must not go back to the pool.
+        self.backend_closed = False
         self.backend: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[PipeEvent] = asyncio.get_running_loop().create_future()
+        self._loop = client.current_loop()
+        self._waiter: asyncio.Future[PipeEvent] = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.backend = cast(asyncio.Transport, transport)
@@ -134,17 +138,19 @@ class StreamPipe(asyncio.Protocol):
         self.sent += len(out)
 
     def eof_received(self) -> bool:
+        self.backend_closed = True
         self._wake(BackendClosed("llama-server closed the stream early"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.backend_closed = True
         self._wake(BackendClosed(f"llama-server connection lost: {exc or 'closed'}"))
 
     async def next_event(self) -> PipeEvent:
         """Wait for the stream's end (DONE) or for the client to fall behind (PAUSED)."""
         outcome = await self._waiter
         if outcome is PipeEvent.PAUSED:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
         return outcome
 
     def resume(self) -> None:
@@ -162,6 +168,6 @@ class BufferedStreamPipe(StreamPipe, asyncio.BufferedProtocol):
         self.data_received(RECEIVE_BUFFER[:nbytes].tobytes())
 
 
-def stream_pipe_type() -> type[StreamPipe]:
-    """The pipe class for the running loop (channel.py says why they differ)."""
-    return BufferedStreamPipe if buffered_loop() else StreamPipe
+def stream_pipe_type(client: Channel) -> type[StreamPipe]:
+    """The pipe class for the client's loop (channel.py says why they differ)."""
+    return BufferedStreamPipe if buffered_loop(client.current_loop()) else StreamPipe

@@ -251,8 +251,7 @@ class Pipeline:
                     "slots",
                     param="n",
                 )
-        task = asyncio.current_task()
-        assert task is not None
+        task = conn.channel.current_task()
         watch = conn.watch()
         try:
             try:

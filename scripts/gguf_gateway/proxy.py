@@ -31,6 +31,7 @@ from .config import Config
 from .errors import sse_error_event
 from .http11 import LAST_CHUNK, ChunkedDecoder, HttpError, ResponseHead, chunk
 from .backends import Backend
+from .channel import Channel
 from .pipe import BackendClosed, PipeEvent, StreamPipe, stream_pipe_type
 from .readiness import Readiness
 from .refusals import Refusal
@@ -76,11 +77,10 @@ class IdleWatchdog:
 
     __slots__ = ("_loop", "_task", "_timeout", "_last", "_handle", "_pipe", "_reads", "fired")
 
-    def __init__(self, timeout: float, pipe: StreamPipe | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
+    def __init__(self, channel: Channel, timeout: float, pipe: StreamPipe | None = None) -> None:
+        # The client's channel: its loop and the task running now.
+        self._loop = channel.current_loop()
+        self._task = channel.current_task()
         self._timeout = timeout
         self._pipe = pipe
         self._reads = 0
@@ -214,7 +214,7 @@ class _Leg:
         assembler = assemble.Assembler(fwd.path, out.ex.tally)
         decoder = ChunkedDecoder(BACKEND_LIMITS)
         events = SseEvents()
-        watchdog = IdleWatchdog(self.config.stream_idle_timeout)
+        watchdog = IdleWatchdog(out.channel, self.config.stream_idle_timeout)
         try:
             while True:
                 for payload in events.feed(decoder.feed(bconn.buf)):
@@ -253,9 +253,9 @@ class _Leg:
     async def stream(self, out: Responder, fwd: Forward) -> bool:
         client = out.channel
         committed = False
-        loop = asyncio.get_running_loop()
+        loop = client.current_loop()
         deadline = loop.time() + self.config.first_byte_timeout
-        pending = asyncio.ensure_future(self.pool.exchange(fwd.request))
+        pending = loop.create_task(self.pool.exchange(fwd.request))
         try:
             while True:
                 wait = min(self.config.sse_keepalive_interval, deadline - loop.time())
@@ -307,10 +307,10 @@ class _Leg:
         """The hot path: hand the backend transport to a StreamPipe until the stream ends."""
         client = out.channel
         assert client.transport is not None and bconn.channel.transport is not None
-        pipe = stream_pipe_type()(
+        pipe = stream_pipe_type(client)(
             client, decode=not fwd.http11, tally=out.ex.tally, strip_usage=fwd.strip_usage
         )
-        watchdog = IdleWatchdog(self.config.stream_idle_timeout, pipe)
+        watchdog = IdleWatchdog(client, self.config.stream_idle_timeout, pipe)
         transport = bconn.channel.transport
         early = bconn.take_buffered()
         transport.set_protocol(pipe)
@@ -337,9 +337,10 @@ class _Leg:
             return self._failed(out, True, fwd.http11, failure, pipe.scanner.at_boundary)
         finally:
             watchdog.stop()
-        # The stream ended cleanly: the connection goes back to its channel.
+        # The stream ended cleanly: the connection goes back to its channel, and to the
+        # pool unless llama-server has closed it already.
         transport.set_protocol(bconn.channel)
-        self.pool.release(bconn, reusable)
+        self.pool.release(bconn, reusable and not pipe.backend_closed)
         out.ex.sent += pipe.sent
         return fwd.keep_alive if fwd.http11 else False
 

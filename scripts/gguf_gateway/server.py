@@ -147,7 +147,7 @@ class Gateway:
     def _connected(self, channel: Channel) -> None:
         conn = ClientConnection(channel, self.limits)
         # The connection holds its task: the loop keeps only weak references to tasks.
-        conn.task = asyncio.get_running_loop().create_task(self._connection(conn))
+        conn.task = channel.current_loop().create_task(self._connection(conn))
 
     async def _connection(self, conn: ClientConnection) -> None:
         try:

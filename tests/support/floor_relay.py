@@ -119,13 +119,25 @@ class Relay:
         self.auth = f"Authorization: Bearer {backend_key}\r\n".encode()
         self.idle: list[Side] = []
 
-    async def backend(self, loop: asyncio.AbstractEventLoop) -> Side:
-        while self.idle:
-            side = self.idle.pop()
-            if not side.closed:
-                return side
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> Side:
         _, side = await loop.create_connection(Side, "127.0.0.1", self.backend_port)
         return side
+
+    async def send(self, loop: asyncio.AbstractEventLoop, request: bytes) -> tuple[Side, bytes]:
+        """The request to a pooled connection, or a new one when that one was closed."""
+        while self.idle:
+            side = self.idle.pop()
+            if side.closed or side.transport is None:
+                continue
+            side.transport.write(request)
+            try:
+                return side, await side.head(loop)
+            except ConnectionError:
+                break  # llama-server closed it as we sent: once more, on a new one
+        side = await self.connect(loop)
+        assert side.transport is not None
+        side.transport.write(request)
+        return side, await side.head(loop)
 
     def client(self) -> ClientSide:
         return ClientSide(self)
@@ -143,10 +155,8 @@ class Relay:
                     self.auth,
                 )
                 request += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                backend = await self.backend(loop)
+                backend, response_head = await self.send(loop, request)
                 assert backend.transport is not None
-                backend.transport.write(request)
-                response_head = await backend.head(loop)
                 out.write(response_head + END)
                 lower = response_head.lower()
                 if b"transfer-encoding: chunked" in lower:

@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
 
 from gguf_gateway.channel import BufferedChannel, Channel, channel_type
 from gguf_gateway.client import ClientConnection
 from gguf_gateway.http11 import Limits
-
-
-def run(loop_name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    if loop_name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        uvloop.run(body())
-    else:
-        asyncio.run(body())
-
-
-LOOPS = [pytest.param("asyncio", id="asyncio"), pytest.param("uvloop", id="uvloop")]
+from support.loops import LOOPS, run
 
 
 async def connected(limit: int = 65536) -> tuple[Channel, socket.socket]:
