@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from support.procs import (  # noqa: E402
     Process,
     answers,
     free_port,
+    free_ports,
     start_gateway,
     start_llama_server,
     wait_until,
@@ -437,18 +437,6 @@ async def run(
     return result
 
 
-def consecutive_ports() -> int:
-    """A free port whose next one is free too (backend i listens on PORT_BACKEND + i)."""
-    while True:
-        port = free_port()
-        try:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-
-
 def two_backends(
     args: argparse.Namespace, work: Path, model: Path, keys: Path, one_port: int
 ) -> dict[str, object]:
@@ -457,7 +445,7 @@ def two_backends(
     Each of the two has half the slots, so both set-ups offer the same number of slots;
     on a machine without GPUs the two llama-servers share its cores.
     """
-    first = consecutive_ports()
+    first = free_ports(2)
     half = max(1, args.parallel // 2)
     procs = [
         start_llama_server(

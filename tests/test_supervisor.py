@@ -19,7 +19,16 @@ import pytest
 
 from support.fake_hub import FakeHub, HubRepo
 from support.make_model import write_model
-from support.procs import ROOT, Process, answers, free_port, http_get, llama_server_bin, wait_until
+from support.procs import (
+    ROOT,
+    Process,
+    answers,
+    free_port,
+    free_ports,
+    http_get,
+    llama_server_bin,
+    wait_until,
+)
 
 START = ROOT / "scripts" / "start.sh"
 KEY = "sk-supervisor-test-key-000000"
@@ -30,7 +39,10 @@ KEY = "sk-supervisor-test-key-000000"
 
 class Stack:
     def __init__(self, data_dir: Path, log: Path, **env: str) -> None:
-        self.port, self.health, self.backend = free_port(), free_port(), free_port()
+        self.port, self.health = free_port(), free_port()
+        backends = env.get("BACKENDS", "1")
+        count = int(backends) if backends.isdigit() else 1
+        self.backend = free_ports(count, avoid=(self.port, self.health))
         self.env = {
             "PATH": os.environ["PATH"],
             "HOME": os.environ.get("HOME", "/root"),

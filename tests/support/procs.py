@@ -28,6 +28,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, avoid: tuple[int, ...] = ()) -> int:
+    """The first of ``count`` consecutive free ports, none of them in ``avoid``.
+
+    Backend i listens on PORT_BACKEND + i: with several, every one of them must be free.
+    """
+    while True:
+        first = free_port()
+        if any(first <= port < first + count for port in avoid):
+            continue
+        probes = [socket.socket() for _ in range(count - 1)]
+        try:
+            for offset, probe in enumerate(probes, 1):
+                probe.bind(("127.0.0.1", first + offset))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+
+
 def llama_server_bin() -> str:
     """The llama-server the tests run: LLAMA_SERVER_BIN, .venv/bin, or PATH."""
     candidates = [
