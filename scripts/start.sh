@@ -369,7 +369,7 @@ llama_args() {
 # operator chose (-t/--threads in EXTRA_ARGS, or LLAMA_ARG_THREADS); empty otherwise.
 # Each would spin a thread per core: two generating at once on 2 cores ran 40x slower.
 backend_threads() {
-  ((${BACKEND_COUNT:-1} > 1)) || return 0
+  ((BACKEND_COUNT > 1)) || return 0
   [[ -z "${LLAMA_ARG_THREADS:-}" ]] || return 0
   local word
   local -a extra=()

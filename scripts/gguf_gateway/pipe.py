@@ -4,9 +4,9 @@ While a stream is relayed, the backend connection's transport is handed this pro
 instead of its channel. Each read from llama-server is then framing-checked and
 written to the client inside the protocol's read callback (``data_received``; on
 asyncio's loop through ``buffer_updated``, as channel.py explains): no task wake-up, no
-reader buffer, no timer and no clock read per event (the idle watchdog looks at the read count). Only the
-few reads that end a task (where llama-server puts ``usage``) are parsed, to settle the
-request's tokens. The coroutine that owns the request only wakes when the stream ends,
+reader buffer, no timer and no clock read per event (the idle watchdog looks at the read
+count). Only the few reads that end a task (where llama-server puts ``usage``) are
+parsed, to settle the request's tokens. The coroutine that owns the request only wakes when the stream ends,
 fails, or the client's socket is full (backpressure: the client's transport paused its
 channel, so reading from llama-server pauses until the client has drained).
 """
