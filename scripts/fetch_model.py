@@ -52,6 +52,10 @@ def main() -> int:
     except HubError as exc:
         log(f"ERROR: {exc}")
         return 2
+    if any(ch < " " or ch == "\x7f" for ch in str(path)):
+        # The path is one line for the supervisor: a newline would split it in two.
+        log(f"ERROR: the model's path {str(path)!r} holds a control character: check DATA_DIR")
+        return 2
     log(f"model ready: {path}")
     print(path)
     return 0

@@ -95,6 +95,7 @@ validate_settings() {
     *) die_config "HEALTH_MODE='${HEALTH_MODE}': expected ready or static" ;;
   esac
   check_extra_args
+  check_llama_env
 }
 
 # check_port_roles: PORT_HEALTH may equal PORT (RunPod's load balancer defaults it so):
@@ -112,27 +113,106 @@ check_port_roles() {
 
 single_port() { [[ "$PORT" == "$PORT_HEALTH" ]]; }
 
-# check_extra_args: EXTRA_ARGS may tune llama-server, not take over what the supervisor
-# owns (where it listens, its key, which model) nor let it run tools on the server.
+# extra_args: EXTRA_ARGS as words, each ended by a NUL (mapfile -d ''), from every line of
+# it: split on spaces, tabs and newlines, so no word holds a newline.
+extra_args() {
+  local -a words=()
+  read -r -d '' -a words <<<"${EXTRA_ARGS:-}" || true
+  ((${#words[@]} == 0)) || printf '%s\0' "${words[@]}"
+}
+
+# llama_flag_refusal FLAG: why llama-server may not be given FLAG, or nothing when it may.
+# The spellings are llama-server b11434's own (common/arg.cpp): every short and long name,
+# `--a_b` as `--a-b` (its parser turns `_` into `-` in long names), `--flag=value` by its
+# flag. Refused: what the supervisor owns (where it listens, its key, which model and under
+# which name), whatever makes it fetch or load a model or projector from elsewhere (the
+# Hub, a URL, Docker Hub, RPC servers), moving its routes (the gateway forwards fixed
+# paths), context shift (generation past the slot context, beyond what a request reserves),
+# and tools or files it would run or serve inside the container (ALLOW_SERVER_TOOLS).
+llama_flag_refusal() {
+  local flag="${1%%=*}"
+  [[ "$flag" == --* ]] && flag="${flag//_/-}"
+  case "$flag" in
+    --host | --port | --reuse-port | --path | --api-key | --api-key-file | --ssl-key-file | \
+      --ssl-cert-file | -m | --model | -a | --alias | --models-dir | --models-preset | \
+      --models-max | -hft | --hf-token)
+      echo "the supervisor owns it (use PORT, MODEL_PATH/MODEL_NAME/MODEL_REPO, MODEL_ALIAS, MODELS_MAX, the key file)"
+      ;;
+    -mu | --model-url | -hf | -hfr | --hf-repo | -hff | --hf-file | -dr | --docker-repo | \
+      -mmu | --mmproj-url | --spec-draft-hf | -hfd | -hfrd | --hf-repo-draft | \
+      --spec-draft-model | -md | --model-draft | --rpc | --mtp | --dflash | --eagle3 | \
+      --embd-gemma-default | --fim-qwen-* | --gpt-oss-* | --vision-gemma-*)
+      echo "it makes llama-server fetch or load a model from elsewhere (the Hub, a URL, Docker Hub, RPC servers): the supervisor fetches the model (MODEL_REPO)"
+      ;;
+    --api-prefix)
+      echo "it moves llama-server's routes away from the paths the gateway forwards"
+      ;;
+    --context-shift)
+      echo "context shift lets one generation run past the slot's context, beyond what the gateway reserves for a request (it plans every task to fit its slot): size CTX instead"
+      ;;
+    --tools | --tools-runtime | -ag | --agent | --mcp-* | --ui-mcp-proxy | --webui-mcp-proxy | --media-path)
+      if [[ "${ALLOW_SERVER_TOOLS:-false}" != "true" ]]; then
+        echo "it lets llama-server run tools or read files inside the container for clients: set ALLOW_SERVER_TOOLS=true to allow it"
+      fi
+      ;;
+  esac
+}
+
+# check_extra_args: EXTRA_ARGS may tune llama-server, within llama_flag_refusal's rules.
 check_extra_args() {
   local -a extra
-  local arg flag
-  read -r -a extra <<<"${EXTRA_ARGS:-}"
+  local arg why
+  mapfile -d '' -t extra < <(extra_args)
   for arg in "${extra[@]}"; do
-    flag="${arg%%=*}"
-    case "$flag" in
-      --host | --port | --path | --reuse-port | --api-key | --api-key-file | --ssl-key-file | \
-        --ssl-cert-file | -m | --model | -mu | --model-url | -hf | -hfr | --hf-repo | -hff | \
-        --hf-file | -hft | --hf-token | --models-dir | --models-preset | --models-max)
-        die_config "EXTRA_ARGS may not set $flag: the supervisor owns it (use PORT, MODEL_PATH/MODEL_NAME, MODELS_MAX, the key file)"
-        ;;
-      --tools | -ag | --agent | --mcp-* | --ui-mcp-proxy | --webui-mcp-proxy)
-        if [[ "${ALLOW_SERVER_TOOLS:-false}" != "true" ]]; then
-          die_config "EXTRA_ARGS sets $flag, which lets llama-server run tools inside the container: set ALLOW_SERVER_TOOLS=true to allow it"
-        fi
-        ;;
-    esac
+    [[ "$arg" == -* ]] || continue
+    why="$(llama_flag_refusal "$arg")"
+    [[ -z "$why" ]] || die_config "EXTRA_ARGS may not set ${arg%%=*}: $why"
   done
+}
+
+# The variables llama-server reads as flags (LLAMA_ARG_*: the same rules as EXTRA_ARGS),
+# with the flag each stands for; host, port and key are scrubbed instead (scrub_llama_env:
+# the base image sets LLAMA_ARG_HOST). A switch counts only when on (llama.cpp's truthy
+# values), as llama-server reads it.
+readonly LLAMA_ENV_FLAGS="LLAMA_ARG_REUSE_PORT:--reuse-port:switch
+LLAMA_ARG_STATIC_PATH:--path
+LLAMA_ARG_SSL_KEY_FILE:--ssl-key-file
+LLAMA_ARG_SSL_CERT_FILE:--ssl-cert-file
+LLAMA_ARG_MODEL:--model
+LLAMA_ARG_ALIAS:--alias
+LLAMA_ARG_MODELS_DIR:--models-dir
+LLAMA_ARG_MODELS_PRESET:--models-preset
+LLAMA_ARG_MODELS_MAX:--models-max
+LLAMA_ARG_MODEL_URL:--model-url
+LLAMA_ARG_HF_REPO:--hf-repo
+LLAMA_ARG_HF_FILE:--hf-file
+LLAMA_ARG_DOCKER_REPO:--docker-repo
+LLAMA_ARG_MMPROJ_URL:--mmproj-url
+LLAMA_ARG_SPEC_DRAFT_HF_REPO:--hf-repo-draft
+LLAMA_ARG_SPEC_DRAFT_MODEL:--model-draft
+LLAMA_ARG_RPC:--rpc
+LLAMA_ARG_API_PREFIX:--api-prefix
+LLAMA_ARG_CONTEXT_SHIFT:--context-shift:switch
+LLAMA_ARG_TOOLS:--tools
+LLAMA_ARG_TOOLS_RUNTIME:--tools-runtime
+LLAMA_ARG_MCP_SERVERS_CONFIG:--mcp-servers-config
+LLAMA_ARG_MCP_SERVERS_JSON:--mcp-servers-json
+LLAMA_ARG_AGENT:--agent:switch
+LLAMA_ARG_UI_MCP_PROXY:--ui-mcp-proxy:switch"
+
+# check_llama_env: each LLAMA_ARG_* variable above, when set, is refused as its flag would
+# be (named, never its value).
+check_llama_env() {
+  local name flag kind value why
+  while IFS=: read -r name flag kind; do
+    value="${!name:-}"
+    [[ -n "$value" ]] || continue
+    if [[ "$kind" == "switch" ]]; then
+      case "$value" in on | enabled | true | 1) ;; *) continue ;; esac
+    fi
+    why="$(llama_flag_refusal "$flag")"
+    [[ -z "$why" ]] || die_config "$name is set (llama-server's $flag): $why; unset it"
+  done <<<"$LLAMA_ENV_FLAGS"
 }
 
 # backend_ports: PORT_BACKEND, PORT_BACKEND + 1, ... one per backend.
@@ -340,28 +420,26 @@ model_alias() {
   echo "${MODEL_ALIAS:-${base%-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]}}"
 }
 
-# llama_args MODELS_DIR KEY_FILE [PORT]: prints the llama-server arguments, one per line.
+# llama_args MODELS_DIR KEY_FILE [PORT]: prints the llama-server arguments, each ended by a
+# NUL (read them with mapfile -d ''): a path may hold any character but NUL, and a newline
+# in one must stay inside that argument, never become another.
 llama_args() {
   local models_dir="$1" key_file="$2"
   if [[ "$MODEL_MODE" == "router" ]]; then
-    printf '%s\n' --models-dir "$models_dir"
-    [[ -n "${MODELS_MAX:-}" ]] && printf '%s\n' --models-max "$MODELS_MAX"
+    printf '%s\0' --models-dir "$models_dir"
+    [[ -n "${MODELS_MAX:-}" ]] && printf '%s\0' --models-max "$MODELS_MAX"
   else
-    printf '%s\n' -m "$MODEL_FILE" --alias "$(model_alias)"
-    [[ -n "$MMPROJ_FILE" ]] && printf '%s\n' --mmproj "$MMPROJ_FILE"
+    printf '%s\0' -m "$MODEL_FILE" --alias "$(model_alias)"
+    [[ -n "$MMPROJ_FILE" ]] && printf '%s\0' --mmproj "$MMPROJ_FILE"
   fi
-  printf '%s\n' --host 127.0.0.1 --port "${3:-$PORT_BACKEND}" --api-key-file "$key_file" --metrics --slots
-  [[ -n "${NGL:-}" ]] && printf '%s\n' -ngl "$NGL"
-  [[ -n "${CTX:-}" ]] && printf '%s\n' -c "$CTX"
-  [[ -n "${PARALLEL:-}" ]] && printf '%s\n' -np "$PARALLEL"
+  printf '%s\0' --host 127.0.0.1 --port "${3:-$PORT_BACKEND}" --api-key-file "$key_file" --metrics --slots
+  [[ -n "${NGL:-}" ]] && printf '%s\0' -ngl "$NGL"
+  [[ -n "${CTX:-}" ]] && printf '%s\0' -c "$CTX"
+  [[ -n "${PARALLEL:-}" ]] && printf '%s\0' -np "$PARALLEL"
   local threads
   threads="$(backend_threads)"
-  [[ -n "$threads" ]] && printf '%s\n' --threads "$threads"
-  if [[ -n "${EXTRA_ARGS:-}" ]]; then
-    local -a extra
-    read -r -a extra <<<"$EXTRA_ARGS"
-    printf '%s\n' "${extra[@]}"
-  fi
+  [[ -n "$threads" ]] && printf '%s\0' --threads "$threads"
+  extra_args
   return 0
 }
 
@@ -372,8 +450,8 @@ backend_threads() {
   ((BACKEND_COUNT > 1)) || return 0
   [[ -z "${LLAMA_ARG_THREADS:-}" ]] || return 0
   local word
-  local -a extra=()
-  read -r -a extra <<<"${EXTRA_ARGS:-}"
+  local -a extra
+  mapfile -d '' -t extra < <(extra_args)
   for word in "${extra[@]}"; do
     case "$word" in -t | --threads | -t=* | --threads=*) return 0 ;; esac
   done
@@ -395,7 +473,7 @@ start_llama_servers() {
   log "starting $BACKEND_COUNT llama-server(s) (no load deadline: large models take minutes)"
   for ((i = 0; i < BACKEND_COUNT; i++)); do
     port=$((PORT_BACKEND + i))
-    mapfile -t args < <(llama_args "$MODELS_DIR" "$key_file" "$port")
+    mapfile -d '' -t args < <(llama_args "$MODELS_DIR" "$key_file" "$port")
     prefix="[llama-server]"
     ((BACKEND_COUNT > 1)) && prefix="[llama-server $i]"
     if ((BACKEND_COUNT > 1 && ${#GPUS[@]})); then

@@ -201,6 +201,19 @@ def misconfigured(tmp_path: Path, data_dir: Path, **env: str) -> tuple[int, str]
         pytest.param({"BACKENDS": "lots"}, "BACKENDS='lots'", id="bad-backends"),
         pytest.param({"MODELS_MAX": "-1"}, "MODELS_MAX", id="bad-models-max"),
         pytest.param({"REDIS_URL": "redis://:pw@host:nope"}, "REDIS_URL", id="bad-redis-url"),
+        pytest.param(
+            {"EXTRA_ARGS": "--jinja --context-shift"},
+            "EXTRA_ARGS may not set --context-shift: context shift lets one generation run past",
+            id="context-shift",
+        ),
+        pytest.param(
+            {"LLAMA_ARG_CONTEXT_SHIFT": "true"}, "LLAMA_ARG_CONTEXT_SHIFT is set", id="ctx-env"
+        ),
+        pytest.param({"EXTRA_ARGS": "-hfd o/d"}, "EXTRA_ARGS may not set -hfd", id="draft-hub"),
+        pytest.param(
+            {"EXTRA_ARGS": "--api_prefix /v2"}, "EXTRA_ARGS may not set --api_prefix", id="prefix"
+        ),
+        pytest.param({"LLAMA_ARG_HF_REPO": "o/r"}, "LLAMA_ARG_HF_REPO is set", id="hf-env"),
     ],
 )
 def test_misconfiguration_exits_2_naming_the_setting(

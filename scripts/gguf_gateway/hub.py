@@ -18,6 +18,12 @@ The Hub calls are the ones llama.cpp's own ``-hf`` makes (see the README of its 
 tree/<commit>?recursive=true`` for sizes and hashes, ``<repo>/resolve/<commit>/<path>``
 for the bytes. HF_TOKEN goes in an Authorization header to the Hub only (dropped on a
 redirect to another host) and is never logged.
+
+Every name the Hub's JSON gives is checked before it is joined onto the cache (a hostile
+or compromised HF_ENDPOINT must not choose where files go, nor smuggle a newline into
+llama-server's arguments): a commit is 40 hex digits, an LFS digest 64, a file path a plain
+relative path (no ``..``, no leading ``/``, no control characters). A pinned
+MODEL_REVISION is honoured: only that revision's snapshot is ever used, online or not.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import os
 import re
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -45,6 +52,10 @@ RETRIES = 5
 CHUNK = 1024 * 1024
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+_COMMIT = re.compile(r"[0-9a-fA-F]{40}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_REVISION = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
+MAX_PATH = 1024
 # Quant names as they appear in GGUF file names (Q4_K_M, IQ3_XXS, Q8_0, F16, BF16, ...).
 _QUANT = re.compile(r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])", re.I)
 
@@ -63,6 +74,8 @@ class ModelRef:
     quant: str | None
     file: str | None
     revision: str
+    # MODEL_REVISION was set: no other snapshot may stand in for it (offline neither).
+    pinned: bool = False
 
     @property
     def cache_name(self) -> str:
@@ -75,12 +88,36 @@ def parse_ref(env: Mapping[str, str]) -> ModelRef:
     if not _REPO.fullmatch(repo):
         raise HubError(f"MODEL_REPO={raw!r}: expected owner/repo or owner/repo:QUANT")
     file = env.get("MODEL_REPO_FILE", "").strip() or None
-    if file is not None and (not file.endswith(".gguf") or ".." in file.split("/")):
+    if file is not None and (not file.endswith(".gguf") or unsafe_path(file)):
         raise HubError(f"MODEL_REPO_FILE={file!r}: expected the path of a .gguf in the repo")
-    revision = env.get("MODEL_REVISION", "").strip() or "main"
-    if not re.fullmatch(r"[A-Za-z0-9._/-]{1,128}", revision) or ".." in revision:
-        raise HubError(f"MODEL_REVISION={revision!r}: expected a branch, tag or commit")
-    return ModelRef(repo, quant.strip() or None, file, revision)
+    pinned = env.get("MODEL_REVISION", "").strip()
+    revision = pinned or "main"
+    # It names refs/<revision> in the cache: a plain relative name (pr/1 nests, as on the Hub).
+    if len(revision) > 128 or not _REVISION.fullmatch(revision) or unsafe_path(revision):
+        raise HubError(
+            f"MODEL_REVISION={revision!r}: expected a branch, tag or commit "
+            "(letters, digits, . _ - and / between parts; no leading /, no ..)"
+        )
+    return ModelRef(repo, quant.strip() or None, file, revision, pinned=bool(pinned))
+
+
+def unsafe_path(path: str) -> str | None:
+    """Why ``path`` cannot be joined onto a directory, or None when it is a plain relative
+    path: not empty, not absolute, no empty, ``.`` or ``..`` part, no control character
+    or line separator (a newline would end an argument of llama-server's), no backslash."""
+    if not path or len(path) > MAX_PATH:
+        return "empty or too long"
+    if path.startswith("/"):
+        return "absolute"
+    if any(ch == "\\" or unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in path):
+        return "holds a control character, a line separator or a backslash"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "has an empty, . or .. part"
+    return None
+
+
+def is_commit(value: object) -> bool:
+    return isinstance(value, str) and _COMMIT.fullmatch(value) is not None
 
 
 def quants_in(names: list[str]) -> list[str]:
@@ -123,10 +160,14 @@ def _in_snapshot(snapshot: Path, files: list[str]) -> Path | None:
 def cached(cache: Path, ref: ModelRef, pick: Callable[[list[str]], list[str]]) -> Path | None:
     """The model's first file in a Hub cache (ours or RunPod's), if complete there."""
     root = cache / ref.cache_name
-    commit = _read(root / "refs" / ref.revision) or ref.revision
-    candidates = [root / "snapshots" / commit]
-    if (root / "snapshots").is_dir():
-        candidates += sorted(p for p in (root / "snapshots").iterdir() if p != candidates[0])
+    commit = _read(root / "refs" / ref.revision)
+    if not is_commit(commit):
+        # No (sane) ref: the revision may itself be a commit, as a snapshot's name.
+        commit = ref.revision if is_commit(ref.revision) else None
+    candidates = [root / "snapshots" / commit] if commit else []
+    if not ref.pinned and (root / "snapshots").is_dir():
+        # MODEL_REVISION unset: any complete snapshot of the repo will do.
+        candidates += sorted(p for p in (root / "snapshots").iterdir() if p not in candidates)
     for snapshot in candidates:
         if not snapshot.is_dir():
             continue
@@ -224,24 +265,41 @@ class Hub:
         quoted = urllib.parse.quote(ref.revision, safe="")
         info = self._json(f"/api/models/{ref.repo}/revision/{quoted}", ref)
         commit = info.get("sha") if isinstance(info, dict) else None
-        if not isinstance(commit, str):
+        if commit is None:
             raise HubUnreachable("the Hub's answer names no commit")
+        if not is_commit(commit):
+            raise self._hostile(f"a commit id {commit!r} that is not 40 hex digits", ref)
+        if is_commit(ref.revision) and commit.lower() != ref.revision.lower():
+            raise self._hostile(f"commit {commit} for the pinned commit {ref.revision}", ref)
         tree = self._json(f"/api/models/{ref.repo}/tree/{commit}?recursive=true", ref)
         files: dict[str, HubFile] = {}
         for entry in tree if isinstance(tree, list) else []:
             if isinstance(entry, dict) and entry.get("type") == "file":
-                lfs = entry.get("lfs")
-                oid = lfs.get("oid") if isinstance(lfs, dict) else None
-                size = entry.get("size", 0)
-                path = str(entry.get("path"))
-                files[path] = HubFile(
-                    ref,
-                    commit,
-                    path,
-                    size if isinstance(size, int) else 0,
-                    oid if isinstance(oid, str) else None,
-                )
+                file = self._listed(ref, commit, entry)
+                files[file.path] = file
         return commit, files
+
+    def _listed(self, ref: ModelRef, commit: str, entry: dict[str, object]) -> HubFile:
+        """One tree entry, every name in it checked before it can become a path."""
+        path = entry.get("path")
+        if not isinstance(path, str) or unsafe_path(path) is not None:
+            raise self._hostile(f"a file path {path!r} that is not a plain relative path", ref)
+        lfs = entry.get("lfs")
+        oid = lfs.get("oid") if isinstance(lfs, dict) else None
+        if oid is not None and not (isinstance(oid, str) and _SHA256.fullmatch(oid)):
+            raise self._hostile(
+                f"an LFS digest {oid!r} for {path!r} that is not 64 hex digits", ref
+            )
+        size = entry.get("size", 0)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            size = 0
+        return HubFile(ref, commit, path, size, oid.lower() if isinstance(oid, str) else None)
+
+    def _hostile(self, what: str, ref: ModelRef) -> HubError:
+        return HubError(
+            f"HF_ENDPOINT={self.endpoint} listed {what} for MODEL_REPO={ref.repo}: refused, "
+            "nothing was written (is HF_ENDPOINT the Hugging Face Hub or a faithful mirror?)"
+        )
 
     def download(self, file: HubFile, target: Path) -> None:
         """Fetch one file into ``target`` (resuming ``target.incomplete``), with progress."""
@@ -382,8 +440,11 @@ def fetch(ref: ModelRef, cache: Path, hub: Hub, runpod_caches: list[Path]) -> Pa
     except HubUnreachable as exc:
         found = cached(cache, ref, pick)
         if found is None:
+            what = f"MODEL_REPO={ref.repo}"
+            if ref.pinned:
+                what += f" at the pinned MODEL_REVISION={ref.revision}"
             raise HubError(
-                f"the Hub ({hub.endpoint}) is unreachable ({exc}) and MODEL_REPO={ref.repo} "
+                f"the Hub ({hub.endpoint}) is unreachable ({exc}) and {what} "
                 f"is not in the cache at {cache} yet: check the network or HF_ENDPOINT"
             ) from None
         hub.log(f"the Hub is unreachable ({exc}): using the cached copy {found}")

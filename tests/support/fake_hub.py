@@ -22,6 +22,8 @@ class HubRepo:
     files: dict[str, bytes]
     gated: bool = False
     commit: str = "0123456789abcdef0123456789abcdef01234567"
+    # A hostile Hub: the LFS digest listed for a file, instead of the file's own.
+    oids: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,7 +101,10 @@ class FakeHub:
                     "path": f,
                     "size": len(data),
                     "oid": hashlib.sha1(data).hexdigest(),
-                    "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data)},
+                    "lfs": {
+                        "oid": repo.oids.get(f, hashlib.sha256(data).hexdigest()),
+                        "size": len(data),
+                    },
                 }
                 for f, data in repo.files.items()
             ]

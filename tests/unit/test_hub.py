@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_gateway.hub import HubError, ModelRef, choose, parse_ref, quants_in
+from gguf_gateway.hub import HubError, ModelRef, choose, parse_ref, quants_in, unsafe_path
 from support.fake_hub import FakeHub, HubRepo
 from support.procs import ROOT, free_port
 
@@ -203,3 +203,130 @@ def test_model_repo_settings_are_checked() -> None:
         "IQ3_XXS",
         "Q5_K_S",
     ]
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+@pytest.mark.parametrize(
+    "repo, escape",
+    [
+        pytest.param(
+            HubRepo({"../../../../../escape-Q4_K_M.gguf": b"GGUF"}), "escape", id="dotdot-path"
+        ),
+        pytest.param(HubRepo({"ABSOLUTE": b"GGUF"}), "abs", id="absolute-path"),
+        pytest.param(
+            HubRepo({"x\n--tools\nall\n-Q4_K_M.gguf": b"GGUF"}), None, id="newline-in-path"
+        ),
+        pytest.param(HubRepo({"x\u2028-Q4_K_M.gguf": b"GGUF"}), None, id="line-separator"),
+        pytest.param(
+            HubRepo({"Tiny-Q4_K_M.gguf": b"GGUF"}, commit="../../../../../escape"),
+            "escape",
+            id="commit-not-hex",
+        ),
+        pytest.param(
+            HubRepo({"Tiny-Q4_K_M.gguf": b"GGUF"}, oids={"Tiny-Q4_K_M.gguf": "../../../../esc"}),
+            "esc",
+            id="lfs-oid-not-hex",
+        ),
+    ],
+)
+def test_a_hostile_hub_listing_exits_2_and_writes_nothing(
+    tmp_path: Path, repo: HubRepo, escape: str | None
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    if "ABSOLUTE" in repo.files:
+        repo.files = {str(tmp_path / "abs-Q4_K_M.gguf"): b"GGUF"}
+    server = FakeHub({"owner/evil": repo}).start()
+    try:
+        result = fetch(data, server.url, MODEL_REPO="owner/evil")
+    finally:
+        server.stop()
+    assert result.returncode == 2, result.stderr
+    assert "HF_ENDPOINT" in result.stderr and "refused" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert files_under(tmp_path) == []  # nothing in the cache, nothing outside it
+    if escape is not None:
+        assert not list(tmp_path.parent.glob(f"{escape}*"))
+
+
+def test_the_hub_answering_another_commit_for_a_pinned_commit_is_refused(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    pinned = "f" * 40
+    result = fetch(tmp_path, hub.url, MODEL_REPO="owner/tiny", MODEL_REVISION=pinned)
+    assert result.returncode == 2 and pinned in result.stderr, result.stderr
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "path, safe",
+    [
+        ("Tiny-Q4_K_M.gguf", True),
+        ("Q2_K/a b-Q2_K-00001-of-00003.gguf", True),
+        ("../x.gguf", False),
+        ("a/../../x.gguf", False),
+        ("/etc/x.gguf", False),
+        ("a//x.gguf", False),
+        ("./x.gguf", False),
+        ("a\\..\\x.gguf", False),
+        ("a\nb.gguf", False),
+        ("a\rb.gguf", False),
+        ("a\x00b.gguf", False),
+        ("a\x85b.gguf", False),
+        ("", False),
+        ("x" * 2000, False),
+    ],
+)
+def test_only_plain_relative_paths_are_joined_onto_the_cache(path: str, safe: bool) -> None:
+    assert (unsafe_path(path) is None) == safe
+
+
+@pytest.mark.parametrize(
+    "revision",
+    ["/tmp/pwned", "a/../../x", "..", "ma\nin", "a//b", "v 1", "x" * 129, "ref/", "a\x00"],
+)
+def test_a_model_revision_that_is_not_a_plain_name_exits_2(tmp_path: Path, revision: str) -> None:
+    with pytest.raises(HubError, match="MODEL_REVISION"):
+        parse_ref({"MODEL_REPO": "o/r", "MODEL_REVISION": revision})
+
+
+def test_a_model_revision_like_an_absolute_path_writes_nothing_there(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    target = tmp_path / "outside" / "pwned"
+    result = fetch(tmp_path / "data", hub.url, MODEL_REPO="owner/tiny", MODEL_REVISION=str(target))
+    assert result.returncode == 2 and "MODEL_REVISION" in result.stderr, result.stderr
+    assert not target.exists() and downloads(hub) == []
+
+
+def test_a_pinned_revision_is_never_replaced_by_another_cached_snapshot(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    commit = HubRepo({}).commit
+    first = fetch(tmp_path, hub.url, MODEL_REPO="owner/tiny")  # main, cached as `commit`
+    assert first.returncode == 0, first.stderr
+    down = f"http://127.0.0.1:{free_port()}"
+    other = fetch(tmp_path, down, MODEL_REPO="owner/tiny", MODEL_REVISION="v2.0")
+    assert other.returncode == 2, other.stderr
+    assert "MODEL_REVISION=v2.0" in other.stderr and "unreachable" in other.stderr
+    assert other.stdout == ""
+    # The pin names what is cached: by commit, and by the branch that pointed at it.
+    for revision in (commit, "main"):
+        same = fetch(tmp_path, down, MODEL_REPO="owner/tiny", MODEL_REVISION=revision)
+        assert same.returncode == 0 and same.stdout == first.stdout, same.stderr
+    # Unpinned, a start with the Hub down still takes any complete snapshot.
+    (tmp_path / "huggingface" / "hub" / "models--owner--tiny" / "refs" / "main").unlink()
+    loose = fetch(tmp_path, down, MODEL_REPO="owner/tiny")
+    assert loose.returncode == 0 and loose.stdout == first.stdout, loose.stderr
+
+
+def test_a_pinned_revision_online_is_the_commit_the_hub_names(hub: FakeHub, tmp_path: Path) -> None:
+    hub.repos["owner/tiny"].commit = "ab" * 20
+    result = fetch(tmp_path, hub.url, MODEL_REPO="owner/tiny", MODEL_REVISION="release/v1")
+    assert result.returncode == 0, result.stderr
+    assert f"/snapshots/{'ab' * 20}/" in result.stdout
+    refs = tmp_path / "huggingface" / "hub" / "models--owner--tiny" / "refs" / "release" / "v1"
+    assert refs.read_text() == "ab" * 20

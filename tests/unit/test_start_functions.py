@@ -146,14 +146,101 @@ def test_first_byte_timeout_stays_under_runpods_processing_cap() -> None:
         ("--mcp-servers-json {}", False),
         ("-ag", False),
         ("--flash-attn on --jinja -ub 512", True),
+        # Fetching a model, projector or draft from elsewhere, every spelling.
+        ("-hfd owner/draft", False),
+        ("-hfrd owner/draft", False),
+        ("--hf-repo-draft owner/draft", False),
+        ("--spec-draft-hf owner/draft", False),
+        ("-md /x/draft.gguf", False),
+        ("--model-draft /x/draft.gguf", False),
+        ("--spec-draft-model /x/draft.gguf", False),
+        ("-mmu https://x/p.gguf", False),
+        ("--mmproj-url https://x/p.gguf", False),
+        ("-dr gemma3", False),
+        ("--docker-repo gemma3", False),
+        ("--rpc 10.0.0.1:50052", False),
+        ("-mu https://x/m.gguf", False),
+        ("--model_url https://x/m.gguf", False),  # llama-server reads _ as - in long names
+        ("--hf_repo owner/repo", False),
+        ("--gpt-oss-20b-default", False),
+        ("--fim-qwen-7b-spec", False),
+        ("--mtp", False),
+        ("-a other-name", False),
+        # Moving the routes the gateway forwards.
+        ("--api-prefix /v2", False),
+        ("--api-prefix=/v2", False),
+        ("--api_prefix /v2", False),
+        # Generation past the slot context.
+        ("--jinja --context-shift", False),
+        ("--context_shift", False),
+        ("--no-context-shift", True),
+        # Files and tools inside the container for clients.
+        ("--media-path /data", False),
+        ("--tools-runtime docker:x", False),
+        # A second line is read too (no word survives with a newline in it).
+        ("--jinja\n--hf-repo owner/repo", False),
+        ("--jinja\n-ub 512", True),
     ],
 )
 def test_extra_args_cannot_take_what_the_supervisor_owns(extra: str, allowed: bool) -> None:
     result = sourced("check_extra_args", {"EXTRA_ARGS": extra})
     assert (result.returncode == 0) == allowed, result.stderr
     if not allowed:
-        flag = extra.split()[0].split("=")[0]
-        assert result.returncode == 2 and flag in result.stderr
+        flag = [w for w in extra.split() if w.startswith("-")][-1].split("=")[0]
+        assert result.returncode == 2 and f"EXTRA_ARGS may not set {flag}:" in result.stderr
+
+
+def test_context_shift_is_refused_saying_why() -> None:
+    result = sourced("check_extra_args", {"EXTRA_ARGS": "--context-shift"})
+    assert result.returncode == 2
+    assert "past the slot's context" in result.stderr and "CTX" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"LLAMA_ARG_HF_REPO": "owner/repo"}, "LLAMA_ARG_HF_REPO"),
+        ({"LLAMA_ARG_MODEL_URL": "https://x/m.gguf"}, "LLAMA_ARG_MODEL_URL"),
+        ({"LLAMA_ARG_SPEC_DRAFT_HF_REPO": "o/d"}, "LLAMA_ARG_SPEC_DRAFT_HF_REPO"),
+        ({"LLAMA_ARG_SPEC_DRAFT_MODEL": "/d.gguf"}, "LLAMA_ARG_SPEC_DRAFT_MODEL"),
+        ({"LLAMA_ARG_MMPROJ_URL": "https://x/p"}, "LLAMA_ARG_MMPROJ_URL"),
+        ({"LLAMA_ARG_DOCKER_REPO": "gemma3"}, "LLAMA_ARG_DOCKER_REPO"),
+        ({"LLAMA_ARG_RPC": "10.0.0.1:1"}, "LLAMA_ARG_RPC"),
+        ({"LLAMA_ARG_API_PREFIX": "/v2"}, "LLAMA_ARG_API_PREFIX"),
+        ({"LLAMA_ARG_CONTEXT_SHIFT": "1"}, "LLAMA_ARG_CONTEXT_SHIFT"),
+        ({"LLAMA_ARG_CONTEXT_SHIFT": "enabled"}, "LLAMA_ARG_CONTEXT_SHIFT"),
+        ({"LLAMA_ARG_TOOLS": "all"}, "LLAMA_ARG_TOOLS"),
+        ({"LLAMA_ARG_AGENT": "true"}, "LLAMA_ARG_AGENT"),
+        ({"LLAMA_ARG_MODELS_DIR": "/x"}, "LLAMA_ARG_MODELS_DIR"),
+        ({"LLAMA_ARG_SSL_KEY_FILE": "/k"}, "LLAMA_ARG_SSL_KEY_FILE"),
+        ({"LLAMA_ARG_CONTEXT_SHIFT": "0"}, None),
+        ({"LLAMA_ARG_AGENT": "off"}, None),
+        ({"LLAMA_ARG_NO_CONTEXT_SHIFT": "1"}, None),
+        ({"LLAMA_ARG_TOOLS": "all", "ALLOW_SERVER_TOOLS": "true"}, None),
+        ({"LLAMA_ARG_CTX_SIZE": "4096", "LLAMA_ARG_HOST": "0.0.0.0"}, None),  # host: scrubbed
+    ],
+)
+def test_llama_arg_variables_follow_the_extra_args_rules(
+    env: dict[str, str], named: str | None
+) -> None:
+    result = sourced("check_llama_env", env)
+    if named is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 2 and f"{named} is set" in result.stderr
+        if len(env[named]) > 4:  # the value is not echoed
+            assert env[named] not in result.stderr
+
+
+def test_a_newline_in_a_path_stays_inside_its_one_argument() -> None:
+    result = sourced(
+        "MODEL_MODE=single BACKEND_COUNT=1; MODEL_FILE=$'/m/x\n--tools\nall.gguf'; "
+        "llama_args /models /run/key",
+        {"PORT_BACKEND": "9999", "EXTRA_ARGS": "--jinja\n-ub 512"},
+    )
+    args = result.stdout.split("\0")[:-1]
+    assert args[:2] == ["-m", "/m/x\n--tools\nall.gguf"]
+    assert "--tools" not in args and args[-3:] == ["--jinja", "-ub", "512"]
 
 
 def test_server_tools_need_an_explicit_opt_in() -> None:
@@ -205,7 +292,13 @@ def llama_args(env: dict[str, str], backends: int = 1) -> list[str]:
         {"PORT_BACKEND": "9999", **env},
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout.split()
+    return argv(result.stdout)
+
+
+def argv(printed: str) -> list[str]:
+    """llama_args's output: each argument ended by a NUL."""
+    assert printed.endswith("\0") and "\n" not in printed.replace("\0", "")
+    return printed.split("\0")[:-1]
 
 
 def test_llama_flags_are_passed_only_when_set() -> None:
@@ -265,7 +358,7 @@ def test_models_dir_layout_flat_files_and_one_model_subdirectories(tmp_path: Pat
 
 def test_router_mode_passes_the_models_dir_and_models_max() -> None:
     result = sourced("MODEL_MODE=router; llama_args /models /k", {"MODELS_MAX": "2"})
-    assert result.stdout.split()[:4] == ["--models-dir", "/models", "--models-max", "2"]
+    assert argv(result.stdout)[:4] == ["--models-dir", "/models", "--models-max", "2"]
 
 
 @pytest.mark.parametrize(
@@ -304,7 +397,7 @@ def test_a_model_alias_must_be_a_plain_name() -> None:
 
 def test_router_mode_passes_the_models_dir() -> None:
     result = sourced("MODEL_MODE=router; llama_args /models /k", {"PORT_BACKEND": "1"})
-    assert result.stdout.split()[:2] == ["--models-dir", "/models"]
+    assert argv(result.stdout)[:2] == ["--models-dir", "/models"]
 
 
 def test_inherited_llama_env_is_scrubbed() -> None:
