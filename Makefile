@@ -12,7 +12,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run .ci/image-smoke
 
-.PHONY: help setup run unit test check fmt bench soak clean
+.PHONY: help setup run unit test check fmt bench soak compat clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench: setup ## gateway vs llama-server direct and nginx; prints one JSON object
 
 soak: setup ## the mixed-load soak for SOAK_SECONDS (default 300) instead of seconds
 	SOAK_SECONDS=$${SOAK_SECONDS:-300} $(PY) -m pytest tests/test_hardening.py -k soak
+
+compat: setup ## llama.cpp's own server tests, direct and through the gateway (COMPAT_TESTS=... for a subset)
+	$(PY) tests/compat/run.py
 
 clean: ## remove the virtual environment and local run data
 	rm -rf $(VENV) .data

@@ -22,9 +22,9 @@ from .responses import Responder
 from .routes import Route
 from .shared_limits import SharedLimits
 
-CORS_ALLOW_HEADERS = (
-    "Authorization, Content-Type, X-API-Key, X-Request-ID, OpenAI-Organization, OpenAI-Project"
-)
+# llama-server's own --cors-methods default.
+CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_ALLOW_HEADERS = "*, Authorization"
 CORS_EXPOSE = (
     "X-Request-ID, Retry-After, retry-after-ms, x-should-retry, "
     "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
@@ -49,11 +49,20 @@ class AccessControl:
             ("Access-Control-Expose-Headers", CORS_EXPOSE),
         ]
 
-    def preflight_headers(self, route: Route) -> list[tuple[str, str]]:
+    def preflight_headers(self, origin: str) -> list[tuple[str, str]]:
+        """A preflight's answer, as llama-server (b11434) gives it for an allowed origin.
+
+        The same methods for every path, credentials allowed, no max-age (browsers keep
+        it 5 s). One deliberate difference: llama-server allows headers with a bare
+        ``*``, which under the Fetch standard never covers ``Authorization``, so a page
+        on another origin could not send its key; the gateway names it beside ``*``.
+        """
         return [
-            ("Access-Control-Allow-Methods", ", ".join(sorted(route.methods))),
+            ("Access-Control-Allow-Origin", origin),
+            ("Vary", "Origin"),
+            ("Access-Control-Allow-Credentials", "true"),
+            ("Access-Control-Allow-Methods", CORS_ALLOW_METHODS),
             ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
-            ("Access-Control-Max-Age", "600"),
         ]
 
     def cors_allows(self, origin: str) -> bool:

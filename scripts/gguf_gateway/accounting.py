@@ -21,6 +21,9 @@ access_log = logging.getLogger("gateway.access")
 QUIET_PATHS = frozenset(
     {"/ping", "/health", "/metrics", "/healthz", "/readyz", "/health/live", "/health/ready"}
 )
+# The usage ledger holds authenticated requests: not probes, unknown paths (404), nor
+# the web UI's files (counted under "/"), which need no key.
+NOT_LEDGERED = QUIET_PATHS | {"other", "/"}
 
 
 class Accounting:
@@ -60,7 +63,7 @@ class Accounting:
             metrics.tokens[(ex.key_id, "prompt")] += prompt
         if completion:
             metrics.tokens[(ex.key_id, "completion")] += completion
-        if ex.path not in QUIET_PATHS and ex.path != "other":
+        if ex.path not in NOT_LEDGERED:
             self.ledger.record(
                 {
                     "ts": self._timestamp(),

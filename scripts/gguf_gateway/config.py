@@ -200,6 +200,7 @@ class Config:
     redis_url: str = ""  # empty: limits in memory, per replica
     redis_lease_seconds: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    webui: bool = True  # llama-server's web UI at / (its static files need no key)
     metrics_auth_enabled: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
@@ -254,6 +255,7 @@ class Config:
             cors_origins=tuple(
                 o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()
             ),
+            webui=_bool(env, "WEBUI", True),
             metrics_auth_enabled=_bool(env, "METRICS_AUTH_ENABLED", False),
             allow_remote_media=_bool(env, "ALLOW_REMOTE_MEDIA", False),
             redis_url=_redis_url(env),

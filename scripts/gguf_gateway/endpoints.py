@@ -2,27 +2,32 @@
 
 /ping, /readyz and /health/ready say whether a request would be served now; /healthz and
 /health/live whether the process is alive; /health gives the detail an operator needs at
-a cold start; /metrics is Prometheus text (or JSON) with llama-server's own series
-appended, fetched at most every BACKEND_METRICS_TTL seconds so scrapes never load it.
+a cold start; /metrics is Prometheus text (or JSON) with each llama-server's own series
+appended (labelled ``backend``), fetched at most every BACKEND_METRICS_TTL seconds so
+scrapes never load it, and never waited on for long.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
 
 from .backend import BackendUnavailable, simple_get
+from .backends import Backend
 from .config import VERSION, Config
 from .http11 import RequestHead
 from .limits import Admission
-from .metrics import Metrics
+from .metrics import Metrics, merge_backend_series
 from .readiness import FAILED, PROBE_STATUS, READY, Readiness
 from .responses import Responder
 from .routes import Route
 from .shared_limits import SharedLimits
 
 BACKEND_METRICS_TTL = 2.0
+BACKEND_METRICS_WAIT = 0.5
+BACKEND_METRICS_TIMEOUT = 2.0
 
 
 class LocalEndpoints:
@@ -41,6 +46,7 @@ class LocalEndpoints:
         self.limiter: Callable[[], SharedLimits | None] = lambda: None
         self._backend_metrics_at = -BACKEND_METRICS_TTL
         self._backend_metrics_text = ""
+        self._backend_fetch: asyncio.Future[None] | None = None
 
     def probe(self, out: Responder, head: RequestHead) -> bool:
         """The platform probe contract, in single-port mode: 204 starting, 200, 503."""
@@ -84,24 +90,45 @@ class LocalEndpoints:
         )
 
     async def backend_metrics(self) -> str:
-        """llama-server's own llamacpp:* series, cached so scrapes never load it."""
+        """llama-server's own llamacpp:* series, each backend's labelled with its index.
+
+        Fetched at most every BACKEND_METRICS_TTL seconds, all backends at once. A scrape
+        waits at most BACKEND_METRICS_WAIT for a fetch in progress, then answers with the
+        last series it has, so a slow llama-server never holds up the gateway's own
+        metrics; the fetch finishes (within BACKEND_METRICS_TIMEOUT) for the next scrape.
+        """
         now = time.monotonic()
-        if now - self._backend_metrics_at < BACKEND_METRICS_TTL or self.readiness.backend != READY:
-            return self._backend_metrics_text
-        self._backend_metrics_at = now
+        if self._backend_fetch is None and now - self._backend_metrics_at >= BACKEND_METRICS_TTL:
+            self._backend_metrics_at = now
+            self._backend_fetch = asyncio.ensure_future(self._fetch_backend_metrics())
+        if self._backend_fetch is not None:
+            await asyncio.wait((self._backend_fetch,), timeout=BACKEND_METRICS_WAIT)
+        return self._backend_metrics_text
+
+    async def _fetch_backend_metrics(self) -> None:
+        try:
+            texts = await asyncio.gather(
+                *(self._one_backend_metrics(b) for b in self.readiness.backends)
+            )
+            self._backend_metrics_text = merge_backend_series([t for t in texts if t])
+        finally:
+            self._backend_fetch = None
+
+    async def _one_backend_metrics(self, backend: Backend) -> tuple[int, str] | None:
+        if backend.state != READY:
+            return None
         try:
             status, body = await simple_get(
                 self.config.backend_host,
-                self.config.port_backend,
+                backend.port,
                 "/metrics",
                 self.config.backend_api_key,
-                timeout=2.0,
+                timeout=BACKEND_METRICS_TIMEOUT,
             )
-        except (BackendUnavailable, TimeoutError):
-            status, body = 0, b""
+        except (BackendUnavailable, TimeoutError, OSError):
+            return None
         # 501 when llama-server runs without --metrics, or in router mode.
-        self._backend_metrics_text = body.decode("utf-8", "replace") if status == 200 else ""
-        return self._backend_metrics_text
+        return (backend.index, body.decode("utf-8", "replace")) if status == 200 else None
 
     def _limiter_state(self) -> dict[str, object]:
         shared = self.limiter()

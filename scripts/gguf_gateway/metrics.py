@@ -147,3 +147,44 @@ class Metrics:
             "backend_requests_total": {str(i): n for i, n in sorted(self.backend_requests.items())},
             "limiter_up": self.limiter_up,
         }
+
+
+def merge_backend_series(texts: list[tuple[int, str]]) -> str:
+    """llama-server's ``llamacpp:*`` series from each backend, as one exposition.
+
+    ``texts`` holds (backend index, its /metrics text). Every sample gets a
+    ``backend="<index>"`` label, so several llama-servers never collide and
+    ``sum by (__name__)`` gives the whole; each family's HELP and TYPE appear once,
+    followed by all its samples (Prometheus requires a family's samples together).
+    Anything that is not a ``llamacpp:`` family is left out.
+    """
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for index, text in texts:
+        label = f'backend="{index}"'
+        current: str | None = None
+        for line in text.splitlines():
+            if line.startswith("#"):
+                parts = line.split(None, 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    current = parts[2] if parts[2].startswith("llamacpp:") else None
+                    if current is not None:
+                        meta, _ = families.setdefault(current, ([], []))
+                        if len(meta) < 2 and line not in meta:
+                            meta.append(line)
+                continue
+            if current is None or not line.strip():
+                continue
+            name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
+            if name_end < 0:
+                continue
+            name, rest = line[:name_end], line[name_end:]
+            if rest.startswith("{"):
+                rest = "{" + label + ("," if not rest.startswith("{}") else "") + rest[1:]
+            else:
+                rest = "{" + label + "}" + rest
+            families[current][1].append(name + rest)
+    out: list[str] = []
+    for meta, samples in families.values():
+        out.extend(meta)
+        out.extend(samples)
+    return "\n".join(out) + "\n" if out else ""

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from . import bodies, tokens
+from . import bodies, tokens, webui
 from .access import AccessControl, Ticket
 from .backends import prefix_key
 from .client import ClientConnection, ClientGone
@@ -84,10 +84,18 @@ class Pipeline:
         self._backend_host = f"{config.backend_host}:{config.port_backend}"
         self._backend_auth = f"Bearer {config.backend_api_key}" if config.backend_api_key else ""
 
+    def route_for(self, path: str) -> Route | None:
+        """The route table's entry for a path, or the web UI's static files (WEBUI)."""
+        route = ROUTES.get(path)
+        if route is None and self.config.webui and webui.is_ui_path(path):
+            return webui.UI_ROUTE
+        return route
+
     def exchange_for(self, head: RequestHead) -> Exchange:
         sent_id = head.get("x-request-id")
         request_id = sent_id if sent_id and _REQUEST_ID.fullmatch(sent_id) else new_request_id()
-        route = ROUTES.get(head.path)
+        route = self.route_for(head.path)
+        # Every UI file counts under "/": a bounded metrics label.
         path = route.path if route else "/ping" if head.path in self._probe_paths else "other"
         return Exchange(request_id, head.method, path, time.monotonic())
 
@@ -119,17 +127,19 @@ class Pipeline:
         if head.path in self._probe_paths and head.method in ("GET", "HEAD"):
             _no_body(head)
             return Outcome(self.endpoints.probe(out, head))
-        route = ROUTES.get(head.path)
+        route = self.route_for(head.path)
         if route is None:
             raise Refusal(404, f"no such endpoint: {head.path[:200]}", "not_found")
-        out.ex.cors_headers = self.access.cors_headers(head.get("origin"))
+        origin = head.get("origin")
+        out.ex.cors_headers = self.access.cors_headers(origin)
         if head.method == "OPTIONS" and head.get("access-control-request-method"):
             # A browser's preflight carries no credentials: answer it before auth.
-            if not out.ex.cors_headers:
+            if origin is None or not out.ex.cors_headers:
                 raise Refusal(403, "origin not allowed (CORS_ORIGINS)", "cors")
             keep = head.keep_alive and not head.has_body
-            preflight = self.access.preflight_headers(route)
-            out.send(204, b"", keep_alive=keep, extra=preflight, head_only=True)
+            # llama-server answers 200 with an empty text/html body.
+            out.ex.cors_headers = self.access.preflight_headers(origin)
+            out.send(200, b"", content_type="text/html", keep_alive=keep)
             return Outcome(keep, linger=head.has_body)
         if head.method not in route.methods:
             allow = [("Allow", ", ".join(sorted(route.methods)))]
@@ -138,6 +148,9 @@ class Pipeline:
             )
         if route.path == "/metrics" and self.config.metrics_auth_enabled:
             route = ADMIN_METRICS
+        if route.kind is Kind.STATIC:
+            _no_body(head)  # a stranger's body is never read or buffered
+            return Outcome(await self._static(head, out))
         if route.scope is None:
             _no_body(head)  # a stranger's body is never read or buffered
             return Outcome(await self.endpoints.answer(out, head, route))
@@ -278,6 +291,24 @@ class Pipeline:
             raise ClientGone() from None
         finally:
             watch.stop()
+
+    async def _static(self, head: RequestHead, out: Responder) -> bool:
+        """A web UI file, asked of llama-server with the backend key (no client key needed).
+
+        HEAD is asked as GET so that the length llama-server reports is the file's.
+        """
+        headers = [("Host", self._backend_host)]
+        if self._backend_auth:
+            headers.append(("Authorization", self._backend_auth))
+        for name in webui.FORWARDED_REQUEST_HEADERS:
+            value = head.get(name)
+            if value is not None:
+                headers.append((name, value))
+        headers.append(("X-Request-ID", out.ex.request_id))
+        request = request_bytes("GET", head.path, headers, b"")
+        return await self.relay.static(
+            out, request, self.backends.any(), head.keep_alive, head.method == "HEAD"
+        )
 
     @staticmethod
     def _settled(ex: Exchange, reserved: int) -> int:

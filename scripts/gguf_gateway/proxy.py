@@ -37,6 +37,13 @@ from .readiness import Readiness
 from .refusals import Refusal
 from .responses import Responder
 from .sse import SseEvents
+from .webui import STATIC_HEADERS
+
+# Lower-case name (as parsed) -> the spelling written to the client.
+STATIC_HEADER_NAMES = {
+    name: "-".join(p.capitalize() for p in name.split("-")) for name in STATIC_HEADERS
+}
+STATIC_HEADER_NAMES["etag"] = "ETag"
 
 log = logging.getLogger("gateway")
 
@@ -132,6 +139,32 @@ class Relay:
         if fwd.shape is Shape.ASSEMBLED and bhead.status == 200 and bhead.chunked:
             return await leg.assembled(out, fwd, bconn)
         return await leg.whole(out, bconn, bhead, fwd.keep_alive)
+
+    async def static(
+        self, out: Responder, request: bytes, backend: Backend, keep_alive: bool, head_only: bool
+    ) -> bool:
+        """A web UI file: the body as is, with the headers a browser's cache needs."""
+        leg = _Leg(self, backend)
+        bconn, bhead = await leg.head(request, out)
+        if bhead.status in (204, 304):
+            # No body by definition, whatever the framing headers say.
+            leg.pool.release(bconn, bhead.keep_alive)
+            body = b""
+        else:
+            try:
+                body = await leg._body(bconn, bhead)
+            except (BackendUnavailable, HttpError, TimeoutError, ConnectionError) as exc:
+                raise backend_failure(
+                    502, f"llama-server response broken: {exc}", "protocol"
+                ) from None
+        headers = [
+            (STATIC_HEADER_NAMES[name], value)
+            for name, value in bhead.headers
+            if name in STATIC_HEADER_NAMES
+        ]
+        return out.send_static(
+            bhead.status, body, headers, keep_alive=keep_alive, head_only=head_only
+        )
 
 
 class _Leg:

@@ -85,6 +85,35 @@ class Responder:
         self.ex.sent += 0 if head_only else len(body)
         return keep_alive
 
+    def send_static(
+        self,
+        status: int,
+        body: bytes,
+        backend_headers: list[tuple[str, str]],
+        *,
+        keep_alive: bool,
+        head_only: bool,
+    ) -> bool:
+        """A web UI file as llama-server sent it: its own caching and coding headers.
+
+        Not ``send``: that one adds ``Cache-Control: no-store``, which would make the
+        browser fetch the UI's immutable bundles again on every load.
+        """
+        ex = self.ex
+        headers = list(backend_headers)
+        if status not in (204, 304):
+            headers.append(("Content-Length", str(len(body))))
+        headers.append(("X-Request-ID", ex.request_id))
+        headers.append(("X-Content-Type-Options", "nosniff"))
+        headers.extend(ex.cors_headers)
+        if not keep_alive:
+            headers.append(("Connection", "close"))
+        head = response_head_bytes(status, headers)
+        self.channel.write(head if head_only else head + body)
+        ex.status = status
+        ex.sent += 0 if head_only else len(body)
+        return keep_alive
+
     def error(
         self,
         status: int,

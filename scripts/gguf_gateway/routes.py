@@ -14,6 +14,7 @@ from enum import Enum
 class Kind(Enum):
     LOCAL = "local"  # answered by the gateway
     PROXY = "proxy"  # forwarded to llama-server
+    STATIC = "static"  # the web UI's files, fetched from llama-server (webui.py)
 
 
 @dataclass(frozen=True)
