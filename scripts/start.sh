@@ -436,6 +436,10 @@ llama_args() {
   [[ -n "${NGL:-}" ]] && printf '%s\0' -ngl "$NGL"
   [[ -n "${CTX:-}" ]] && printf '%s\0' -c "$CTX"
   [[ -n "${PARALLEL:-}" ]] && printf '%s\0' -np "$PARALLEL"
+  # WEBUI=false: the gateway answers 404 for the UI, and llama-server serves none either.
+  case "${WEBUI:-true}" in
+    [Ff][Aa][Ll][Ss][Ee] | 0 | [Nn][Oo] | [Oo][Ff][Ff]) printf '%s\0' --no-ui ;;
+  esac
   local threads
   threads="$(backend_threads)"
   [[ -n "$threads" ]] && printf '%s\0' --threads "$threads"

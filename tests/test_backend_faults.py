@@ -144,3 +144,20 @@ def test_backend_that_never_started_means_503_loading(make_gateway: GatewayFacto
     status, headers, body = post(gw.port, PLAIN_BODY)
     assert status == 503 and headers["retry-after"]
     assert json.loads(body)["error"]["type"] == "unavailable_error"
+
+
+def test_metrics_answer_while_llama_servers_metrics_hang(make_gateway: GatewayFactory) -> None:
+    # llama-server's /metrics never answers: the gateway's own series still come back
+    # (its wait for them is bounded), without llama-server's.
+    fake = FakeBackend("hang")
+    try:
+        gw = make_gateway(backend_port=fake.port)
+        for _ in range(3):
+            status, body = http_get(gw.port, "/metrics", timeout=30)
+            assert status == 200
+            assert "gateway_requests_total" in body.decode()
+            assert "llamacpp:" not in body.decode()
+        # It did ask llama-server (the fake counts requests it does not know as generation).
+        wait_until(lambda: fake.generation_requests >= 1, 10, "the /metrics fetch")
+    finally:
+        fake.close()

@@ -39,9 +39,26 @@ def test_cors_preflight_allowed_and_denied(make_gateway: GatewayFactory) -> None
     assert headers["access-control-allow-credentials"] == "true"
     assert "access-control-max-age" not in headers
 
+    # Another origin: 200 without a single Access-Control-* header (as llama-server), so
+    # the browser refuses the request; counted as a CORS refusal.
     denied = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
     status, headers, _ = request(gw.port, "OPTIONS", "/v1/chat/completions", denied)
-    assert status == 403 and "access-control-allow-origin" not in headers
+    assert status == 200 and not any(h.startswith("access-control") for h in headers)
+    metrics = http_get(gw.port, "/metrics")[1].decode()
+    assert 'gateway_rejections_total{reason="cors"} 1' in metrics
+
+    # CORS_ORIGINS=localhost (llama-server's special value): any port on this machine.
+    local = make_gateway(CORS_ORIGINS="localhost")
+    for origin, allowed in (
+        ("http://localhost:5173", True),
+        ("http://127.0.0.1", True),
+        ("http://[::1]:3000", True),
+        ("http://localhost.evil.example", False),
+        ("http://notlocalhost", False),
+    ):
+        asked = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+        _, headers, _ = request(local.port, "OPTIONS", "/v1/chat/completions", asked)
+        assert headers.get("access-control-allow-origin") == (origin if allowed else None), origin
 
     status, headers, _ = request(
         gw.port,

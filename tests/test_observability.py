@@ -67,6 +67,10 @@ def test_metrics_include_llama_server_series_and_sane_buckets(gateway: GatewayHa
     text = body.decode()
     assert "llamacpp:" in text
     families = {f.name: f for f in text_string_to_metric_families(text)}
+    # llama-server's own series, each sample labelled with the backend it came from.
+    prompt = families["llamacpp:prompt_tokens"]
+    assert prompt.type == "counter" and prompt.samples
+    assert all(s.labels == {"backend": "0"} for s in prompt.samples)
     ttfb = {s.labels.get("le") for s in families["gateway_time_to_first_byte_seconds"].samples}
     duration = {s.labels.get("le") for s in families["gateway_request_duration_seconds"].samples}
     assert {"0.005", "1.0", "60.0", "600.0", "+Inf"} <= ttfb

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 from .config import Config
@@ -67,7 +68,12 @@ class AccessControl:
 
     def cors_allows(self, origin: str) -> bool:
         allowed = self.config.cors_origins
-        return bool(allowed) and ("*" in allowed or origin in allowed)
+        if not allowed:
+            return False
+        if "*" in allowed or origin in allowed:
+            return True
+        # llama-server's special value: any origin on this machine, whatever its port.
+        return "localhost" in allowed and _is_localhost(origin)
 
     def authenticate(self, head: RequestHead, route: Route, out: Responder) -> ApiKey:
         """The request's key; raises the 401/403 Refusal otherwise."""
@@ -233,6 +239,14 @@ class Ticket:
     lease: str | None = None  # a concurrency lease in Redis
     reservation: Reservation | None = None
     shared_reservation: str | None = None
+
+
+def _is_localhost(origin: str) -> bool:
+    try:
+        host = urllib.parse.urlsplit(origin).hostname
+    except ValueError:
+        return False
+    return host in ("localhost", "127.0.0.1", "::1")
 
 
 def _unauthorized(message: str, code: str | None = None) -> Refusal:

@@ -133,12 +133,14 @@ class Pipeline:
         origin = head.get("origin")
         out.ex.cors_headers = self.access.cors_headers(origin)
         if head.method == "OPTIONS" and head.get("access-control-request-method"):
-            # A browser's preflight carries no credentials: answer it before auth.
-            if origin is None or not out.ex.cors_headers:
-                raise Refusal(403, "origin not allowed (CORS_ORIGINS)", "cors")
+            # A browser's preflight carries no credentials: answer it before auth. As
+            # llama-server does: 200 with an empty text/html body, and for an origin not
+            # in CORS_ORIGINS no Access-Control-* headers at all (the browser stops there).
             keep = head.keep_alive and not head.has_body
-            # llama-server answers 200 with an empty text/html body.
-            out.ex.cors_headers = self.access.preflight_headers(origin)
+            if origin is not None and out.ex.cors_headers:
+                out.ex.cors_headers = self.access.preflight_headers(origin)
+            else:
+                out.ex.refused = "cors"
             out.send(200, b"", content_type="text/html", keep_alive=keep)
             return Outcome(keep, linger=head.has_body)
         if head.method not in route.methods:

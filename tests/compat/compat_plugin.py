@@ -11,7 +11,7 @@ suite's files:
   gave the server no key of its own has the harness key added to its requests (the suite
   sends none), as a user of the gateway would; a test's own key and the suite's OpenAI
   clients' ``dummy`` key are gateway keys too. The gateway's CORS origins are the
-  server's (llama-server's default is ``*``).
+  server's (llama-server's default: ``*``, or ``localhost`` when it runs tools).
 * every test is bounded by ``COMPAT_TEST_TIMEOUT`` seconds, so one hang cannot stall the run.
 """
 
@@ -86,7 +86,8 @@ def _start_gateway(server: Any, backend_port: int) -> subprocess.Popen[bytes]:
         "DATA_DIR": str(WORK),
         "LOG_DIR": str(logs),
         "MAX_REQUESTS_PER_MINUTE": "1000000",
-        "CORS_ORIGINS": server.cors_origins or "*",
+        # llama-server's own default: any origin, or this machine's when tools run.
+        "CORS_ORIGINS": server.cors_origins or ("localhost" if server.server_tools else "*"),
         "ALLOW_SERVER_TOOLS": "true" if server.server_tools else "false",
         "PYTHONUNBUFFERED": "1",
     }

@@ -323,6 +323,12 @@ def test_llama_flags_are_passed_only_when_set() -> None:
     ]
 
 
+def test_webui_false_turns_llama_servers_ui_off_too() -> None:
+    assert "--no-ui" not in llama_args({}) and "--no-ui" not in llama_args({"WEBUI": "true"})
+    for off in ("false", "FALSE", "0", "no", "off"):
+        assert "--no-ui" in llama_args({"WEBUI": off}), off
+
+
 def test_several_llama_servers_share_the_cpus_unless_threads_are_chosen() -> None:
     cpus = len(os.sched_getaffinity(0))
     share = llama_args({}, backends=2)
