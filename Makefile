@@ -21,7 +21,8 @@ setup: $(STAMP) ## fresh machine -> .venv/ with dev tools and a working .venv/bi
 
 # The dev tools and test libraries alone: enough for `make unit` and `make check`.
 $(DEV_STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	@# An existing environment (possibly a link to a shared one) is updated, not recreated.
+	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
 	$(PY) -m pip install --quiet --group dev
 	touch $@
