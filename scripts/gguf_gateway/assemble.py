@@ -8,14 +8,31 @@ deltas, tool calls merged by index, logprobs concatenated, usage and timings fro
 final chunk of each task. With several choices llama-server itself reports the first
 task's usage only; the assembled response reports the sum over all of them, as they were
 all generated.
+
+What it holds is bounded: MAX_ASSEMBLED_BYTES of text, tool calls and logprobs, counted
+as they arrive. Logprobs are kept as the JSON text llama-server sent (parsed, they took
+about six times the memory) and spliced into the response at the end. Past the bound
+``add`` raises :class:`TooLarge`: the relay then stops the generation and refuses, and
+the client can ask for the same thing as a stream, which is relayed without holding it.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 from .sse import UsageTally
+
+# What one non-streaming response may hold while it is assembled. The whole body is
+# built from it at the end, so the peak is a few times this.
+MAX_ASSEMBLED_BYTES = 16 * 1024 * 1024
+# What keeping one piece costs besides its characters (a str object and a list slot).
+_PIECE_OVERHEAD = 64
+
+
+class TooLarge(Exception):
+    """The response would hold more than MAX_ASSEMBLED_BYTES."""
 
 
 class _Choice:
@@ -24,14 +41,24 @@ class _Choice:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
-        self.logprobs: list[Any] | None = None
+        # The logprob entries of each chunk as JSON text, without the list's brackets.
+        self.logprobs: list[str] | None = None
         self.finish_reason: str | None = None
 
-    def add_logprobs(self, logprobs: Any) -> None:
-        if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-            self.logprobs = (self.logprobs or []) + logprobs["content"]
+    def add_logprobs(self, logprobs: Any) -> int:
+        """Keep a chunk's logprob entries; returns what they hold."""
+        if not (isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list)):
+            return 0
+        if self.logprobs is None:
+            self.logprobs = []
+        if not logprobs["content"]:
+            return 0
+        text = json.dumps(logprobs["content"], ensure_ascii=False)[1:-1]
+        self.logprobs.append(text)
+        return len(text) + _PIECE_OVERHEAD
 
-    def add_tool_calls(self, deltas: list[dict[str, Any]]) -> None:
+    def add_tool_calls(self, deltas: list[dict[str, Any]]) -> int:
+        held = 0
         for delta in deltas:
             call = self.tool_calls.setdefault(
                 int(delta.get("index", len(self.tool_calls))),
@@ -44,8 +71,11 @@ class _Choice:
             function = delta.get("function") or {}
             if function.get("name"):
                 call["function"]["name"] += function["name"]
+                held += len(function["name"])
             if function.get("arguments"):
                 call["function"]["arguments"] += function["arguments"]
+                held += len(function["arguments"])
+        return held + _PIECE_OVERHEAD
 
 
 class Assembler:
@@ -61,8 +91,15 @@ class Assembler:
         self.choices: dict[int, _Choice] = {}
         self.finished = False
         self.error: tuple[int, dict[str, Any]] | None = None
+        self.held = 0
+        self._nonce = ""
+
+    def _keep(self, pieces: list[str], text: str) -> None:
+        pieces.append(text)
+        self.held += len(text) + _PIECE_OVERHEAD
 
     def add(self, payload: bytes) -> None:
+        """Take one SSE payload; raises TooLarge once the response outgrows its bound."""
         if payload == b"[DONE]":
             self.finished = True
             return
@@ -93,17 +130,28 @@ class Assembler:
             if raw.get("finish_reason") is not None:
                 choice.finish_reason = raw["finish_reason"]
             if raw.get("logprobs") is not None:
-                choice.add_logprobs(raw["logprobs"])
+                self.held += choice.add_logprobs(raw["logprobs"])
             if self.chat:
                 delta = raw.get("delta") or {}
                 if delta.get("content"):
-                    choice.content.append(delta["content"])
+                    self._keep(choice.content, delta["content"])
                 if delta.get("reasoning_content"):
-                    choice.reasoning.append(delta["reasoning_content"])
+                    self._keep(choice.reasoning, delta["reasoning_content"])
                 if delta.get("tool_calls"):
-                    choice.add_tool_calls(delta["tool_calls"])
+                    self.held += choice.add_tool_calls(delta["tool_calls"])
             elif raw.get("text"):
-                choice.content.append(raw["text"])
+                self._keep(choice.content, raw["text"])
+        if self.held > MAX_ASSEMBLED_BYTES:
+            raise TooLarge(
+                f"the response outgrew the {MAX_ASSEMBLED_BYTES} bytes the gateway assembles "
+                'for a non-streaming request: ask for it with "stream": true'
+            )
+
+    def _logprobs(self, choice: _Choice) -> Any:
+        """A marker the response's text carries where this choice's logprobs go."""
+        if choice.logprobs is None:
+            return None
+        return {"content": f"\x00{self._nonce}-{choice.index}"}
 
     def _chat_choice(self, choice: _Choice) -> dict[str, Any]:
         content = "".join(choice.content)
@@ -120,18 +168,39 @@ class Assembler:
             "message": message,
         }
         if choice.logprobs is not None:
-            out["logprobs"] = {"content": choice.logprobs}
+            out["logprobs"] = self._logprobs(choice)
         return out
 
     def _text_choice(self, choice: _Choice) -> dict[str, Any]:
         return {
             "text": "".join(choice.content),
             "index": choice.index,
-            "logprobs": {"content": choice.logprobs} if choice.logprobs is not None else None,
+            "logprobs": self._logprobs(choice),
             "finish_reason": choice.finish_reason,
         }
 
     def result(self) -> dict[str, Any]:
+        """The response as parsed JSON."""
+        parsed: dict[str, Any] = json.loads(self.body())
+        return parsed
+
+    def body(self) -> bytes:
+        """The response's JSON text, with each choice's logprobs spliced in."""
+        # A marker no generated text can hold: a NUL (escaped in JSON) and a random nonce.
+        self._nonce = secrets.token_hex(8)
+        text = json.dumps(self._response(), ensure_ascii=False)
+        if not any(c.logprobs is not None for c in self.choices.values()):
+            return text.encode()
+        parts = text.split(f'"\\u0000{self._nonce}-')
+        out = [parts[0]]
+        for part in parts[1:]:
+            index, rest = part.split('"', 1)
+            logprobs = self.choices[int(index)].logprobs or []
+            out.append("[" + ", ".join(logprobs) + "]")
+            out.append(rest)
+        return "".join(out).encode()
+
+    def _response(self) -> dict[str, Any]:
         build = self._chat_choice if self.chat else self._text_choice
         response: dict[str, Any] = {
             "choices": [build(self.choices[i]) for i in sorted(self.choices)],

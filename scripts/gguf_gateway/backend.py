@@ -22,6 +22,11 @@ POOL_MAX_IDLE = 64
 BACKEND_BUFFER = 1 << 20
 # llama-server is trusted: its responses are framed strictly but not size-capped.
 BACKEND_LIMITS = Limits(max_body=1 << 40)
+# A whole response read into memory (embeddings, rerank, the non-streaming Responses and
+# Messages answers) stops here: a key can ask for a batch whose answer is thousands of
+# times its body. OpenAI's largest embedding batch (2,048 inputs of 4,096 floats as
+# JSON, about 170 MB) fits.
+MAX_BUFFERED_BODY = 256 * 1024 * 1024
 
 
 class BackendUnavailable(Exception):
@@ -65,21 +70,32 @@ class BackendConnection:
         return self.channel.take(length)
 
     async def read_body(self, head: ResponseHead) -> bytes:
-        """The whole body of a non-streamed response."""
+        """The whole body of a non-streamed response, up to MAX_BUFFERED_BODY."""
+        too_large = HttpError(
+            502,
+            f"llama-server's response is larger than the {MAX_BUFFERED_BODY} bytes "
+            "the gateway buffers",
+        )
         if head.chunked:
-            decoder = ChunkedDecoder(BACKEND_LIMITS)
-            parts = [decoder.feed(self.buf)]
-            while not decoder.done:
-                await self._more(" mid-body")
-                parts.append(decoder.feed(self.buf))
+            decoder = ChunkedDecoder(BACKEND_LIMITS, MAX_BUFFERED_BODY)
+            try:
+                parts = [decoder.feed(self.buf)]
+                while not decoder.done:
+                    await self._more(" mid-body")
+                    parts.append(decoder.feed(self.buf))
+            except HttpError as exc:
+                raise too_large if exc.status == 413 else exc from None
             return b"".join(parts)
         if head.content_length is None:
             # Close-delimited: read to EOF; the connection cannot be reused.
             head.keep_alive = False
             self.channel.limit = 1 << 62
             while await self.channel.more():
-                pass
+                if len(self.buf) > MAX_BUFFERED_BODY:
+                    raise too_large
             return self.take_buffered()
+        if head.content_length > MAX_BUFFERED_BODY:
+            raise too_large
         while len(self.buf) < head.content_length:
             await self._more(" mid-body")
         return self.channel.take(head.content_length)

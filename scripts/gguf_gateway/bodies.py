@@ -8,7 +8,12 @@ Pure functions; a body that cannot be served raises a 400 :class:`Refusal` namin
   llama-server's JSON library frees nested values recursively;
 * media by remote URL (``image_url``, audio, files) while ALLOW_REMOTE_MEDIA is off:
   with a multimodal projector loaded llama-server fetches such URLs itself, from inside
-  the container (request forgery). ``data:`` URIs carry the bytes and pass.
+  the container (request forgery). ``data:`` URIs carry the bytes and pass;
+* grammars and schemas past the bounds of grammars.py (llama-server's parsers recurse
+  without a limit and crash the whole server);
+* more token alternatives per generated token than MAX_TOP_LOGPROBS: llama-server has
+  no cap but the vocabulary, and every generated token then carries that many entries
+  (a ~130-byte request made megabytes per token with a real vocabulary).
 """
 
 from __future__ import annotations
@@ -16,9 +21,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from . import grammars
 from .refusals import bad_request
 
 MAX_DEPTH = 64
+# OpenAI's own cap on top_logprobs, and what llama-server gives for "logprobs": true.
+MAX_TOP_LOGPROBS = 20
+# llama-server's n_probs and the fields it reads as n_probs (logprobs on completions,
+# top_logprobs with "logprobs": true on chat).
+_PROBS_FIELDS = ("n_probs", "top_logprobs", "logprobs")
 # Keys under which OpenAI-, Responses- and Anthropic-style bodies carry media.
 _MEDIA_KEYS = ("image_url", "input_audio", "audio_url", "video_url", "file", "file_url")
 
@@ -55,7 +66,8 @@ def _remote(url: str | None) -> bool:
 
 
 def inspect(payload: dict[str, Any], allow_remote_media: bool) -> None:
-    """Refuse too-deep nesting and, unless allowed, media given by remote URL."""
+    """Refuse too-deep nesting, unbounded grammars and token alternatives and, unless
+    allowed, media given by remote URL."""
     stack: list[tuple[object, int]] = [(payload, 1)]
     while stack:
         value, depth = stack.pop()
@@ -67,6 +79,21 @@ def inspect(payload: dict[str, Any], allow_remote_media: bool) -> None:
             stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    grammars.check(payload)
+    check_probs(payload)
+
+
+def check_probs(payload: dict[str, Any]) -> None:
+    """Bound the token alternatives asked for per generated token."""
+    for name in _PROBS_FIELDS:
+        value = payload.get(name)
+        # "logprobs": true on chat is a switch, not a count.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value > MAX_TOP_LOGPROBS:
+            raise bad_request(
+                f"'{name}' must be at most {MAX_TOP_LOGPROBS}", "logprobs", param=name
+            )
 
 
 def _check_media(part: dict[str, Any]) -> None:

@@ -261,6 +261,11 @@ class _Leg:
             if not self._idle_expired(out, bconn, watchdog):
                 raise
             raise Refusal(504, "llama-server stopped sending tokens", "idle_timeout", backend=True)
+        except assemble.TooLarge as exc:
+            bconn.close()  # llama-server stops generating what no one will read
+            # Retrying would generate it all again: the SDKs are told not to.
+            no_retry = [("x-should-retry", "false")]
+            raise Refusal(502, str(exc), "response_too_large", headers=no_retry) from None
         except (BackendUnavailable, HttpError, ConnectionError, ValueError) as exc:
             bconn.close()
             raise backend_failure(502, f"llama-server response broken: {exc}", "protocol") from None

@@ -2,15 +2,20 @@
 
 Pure functions over a parsed JSON body, so every rule is tested without a server. A key
 holder who has read llama-server's docs can send any field it understands; the plan
-follows llama-server's own reading of the body, not the OpenAI one:
+follows llama-server's own reading of the body (b11434, server-schema.cpp and
+server-chat.cpp), not the OpenAI one:
 
-* length: ``n_predict`` wins over ``max_completion_tokens``, which wins over
-  ``max_tokens`` (``max_output_tokens`` replaces it on /v1/responses; /v1/messages reads
-  ``max_tokens`` only, 4096 when absent). None, or a negative value, means "until the
-  slot's context is full";
-* tasks: every choice (``n_cmpl``, or its alias ``n``) of every prompt of a batch (``prompt`` as a list on
-  /v1/completions, ``input`` on /v1/embeddings, ``documents`` on /v1/rerank) is its own
-  task inside llama-server, occupying a slot while it runs;
+* length: ``n_predict`` with its aliases ``max_completion_tokens`` then ``max_tokens``,
+  the first that is present and not null. /v1/responses moves ``max_output_tokens`` into
+  ``max_tokens`` (so ``max_completion_tokens`` still wins over it); /v1/messages passes
+  ``max_tokens`` alone, 4096 when the key is absent, and a null one means no limit. -1
+  (or no length at all) means "until the slot's context is full"; below -1 llama-server
+  refuses the body, and so do we, naming the field;
+* tasks: every choice (``n_cmpl``, or its alias ``n``) of every prompt of a batch
+  (``prompt`` as a list on completions; ``input``, or ``content`` when there is no
+  ``input``, on embeddings; ``documents``, or ``texts``, on rerank) is its own task
+  inside llama-server, occupying a slot while it runs. A list holding any integer is one
+  prompt of token ids, as llama-server reads it;
 * a task never holds more than the slot's context (prompt and completion together), and
   its prompt never has more tokens than the body has bytes (every tokenizer llama.cpp
   runs emits at least one byte per token).
@@ -26,18 +31,19 @@ from typing import Any
 
 from .refusals import bad_request
 
-# Length fields in llama-server's order of precedence, per route.
-LENGTH_FIELDS: dict[str, tuple[str, ...]] = {
-    "/v1/chat/completions": ("n_predict", "max_completion_tokens", "max_tokens"),
-    "/v1/completions": ("n_predict", "max_completion_tokens", "max_tokens"),
-    "/v1/responses": ("n_predict", "max_output_tokens", "max_completion_tokens", "max_tokens"),
-    # Anthropic-style bodies are rebuilt by llama-server from a few known fields only.
-    "/v1/messages": ("max_tokens",),
-}
+# llama-server's n_predict and its aliases, in its order of precedence.
+LENGTH_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens")
 # What llama-server generates on /v1/messages when max_tokens is absent.
 MESSAGES_DEFAULT_MAX_TOKENS = 4096
+# Routes by how llama-server reads their bodies (its native paths beside the OpenAI ones).
+EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/embedding"})
+RERANK_PATHS = frozenset({"/v1/rerank", "/v1/reranking", "/rerank", "/reranking"})
+RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
+MESSAGES_PATHS = frozenset({"/v1/messages"})
+# Routes whose ``prompt`` may be a batch of prompts.
+BATCH_PROMPT_PATHS = frozenset({"/v1/completions", "/completions", "/completion"})
 # Routes that only read their input: no completion tokens.
-INPUT_ONLY = frozenset({"/v1/embeddings", "/v1/rerank"})
+INPUT_ONLY = EMBEDDING_PATHS | RERANK_PATHS
 # Fields that would let a client steer llama-server's scheduling: dropped from bodies.
 SERVER_ONLY_FIELDS = ("id_slot",)
 MAX_CHOICES = 128
@@ -65,20 +71,73 @@ def _whole(payload: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def _length(payload: dict[str, Any], name: str) -> int | None:
+    """One length field: None for "no limit" (-1), refused below -1 as llama-server does."""
+    value = _whole(payload, name)
+    if value is not None and value < -1:
+        raise bad_request(
+            f"'{name}' must be -1 (no limit) or a whole number of tokens from 0", param=name
+        )
+    return None if value == -1 else value
+
+
+def _length_fields(path: str, payload: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The length fields llama-server's completion parser sees, in its order, by the
+    names the client used."""
+    if path in MESSAGES_PATHS:
+        # Rebuilt from a few known fields: max_tokens alone, 4096 when the key is absent
+        # (a null one is passed on, and null means llama-server's default: no limit).
+        return [("max_tokens", payload.get("max_tokens", MESSAGES_DEFAULT_MAX_TOKENS))]
+    last = "max_tokens"
+    if path in RESPONSES_PATHS and "max_output_tokens" in payload:
+        # server-chat.cpp copies max_output_tokens over max_tokens, null included;
+        # n_predict and max_completion_tokens pass unchanged and still come first.
+        last = "max_output_tokens"
+    return [(name, payload.get(name)) for name in (*LENGTH_FIELDS[:2], last)]
+
+
 def completion_cap(path: str, payload: dict[str, Any]) -> int | None:
     """The completion length llama-server will use, None for "up to the context"."""
-    for name in LENGTH_FIELDS.get(path, ()):
-        value = _whole(payload, name)
+    for name, value in _length_fields(path, payload):
         if value is not None:
-            return value if value >= 0 else None
+            return _length({name: value}, name)
     return None
 
 
 def _batch_size(value: object) -> int:
-    """Prompts in a prompt/input field: a list of strings or of token lists is a batch."""
-    if isinstance(value, list) and value and not all(isinstance(v, int) for v in value):
+    """Prompts in a prompt/input field: a list with no integer in it is a batch.
+
+    llama-server reads a list holding any integer as one prompt of token ids (mixed
+    with text pieces), and every other list as one prompt per element.
+    """
+    if isinstance(value, list) and value:
+        if any(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return 1
         return len(value)
     return 1
+
+
+def _string_list(value: object) -> list[Any] | None:
+    """A JSON array of strings, as llama-server's json_value reads one (else its default)."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def rerank_documents(payload: dict[str, Any]) -> int:
+    """Documents llama-server scores: ``documents``, else its TEI alias ``texts``.
+
+    A ``documents`` of the wrong type falls back to ``texts`` there too.
+    """
+    documents = _string_list(payload.get("documents"))
+    if not documents:
+        documents = _string_list(payload.get("texts"))
+    return len(documents) if documents else 1
+
+
+def embedding_inputs(payload: dict[str, Any]) -> int:
+    """Inputs llama-server embeds: ``input`` when the key is there, else ``content``."""
+    return _batch_size(payload["input"] if "input" in payload else payload.get("content"))
 
 
 def choices(payload: dict[str, Any]) -> int:
@@ -92,6 +151,13 @@ def choices(payload: dict[str, Any]) -> int:
     return n
 
 
+def check_rerank(payload: dict[str, Any]) -> None:
+    """``top_n`` below 0 makes llama-server resize its results to a wrapped-around size."""
+    top_n = payload.get("top_n")
+    if isinstance(top_n, (int, float)) and not isinstance(top_n, bool) and top_n <= -1:
+        raise bad_request("'top_n' must be 0 or more", param="top_n")
+
+
 def plan(path: str, payload: object, body_bytes: int, slot_ctx: int) -> Plan:
     """Slots and an upper bound of tokens for ``payload`` on ``path``.
 
@@ -99,23 +165,22 @@ def plan(path: str, payload: object, body_bytes: int, slot_ctx: int) -> Plan:
     """
     if not isinstance(payload, dict):
         return Plan(1, min(body_bytes, slot_ctx) if path in INPUT_ONLY else slot_ctx)
-    if path == "/v1/embeddings":
-        inputs = _batch_size(payload.get("input"))
+    if path in EMBEDDING_PATHS:
+        inputs = embedding_inputs(payload)
         tokens = min(body_bytes + _SPECIALS_PER_INPUT * inputs, inputs * slot_ctx)
         return Plan(inputs, tokens)
-    if path == "/v1/rerank":
-        documents = payload.get("documents")
-        inputs = len(documents) if isinstance(documents, list) and documents else 1
+    if path in RERANK_PATHS:
+        check_rerank(payload)
+        inputs = rerank_documents(payload)
         # Each document is scored together with the query: the query counts every time.
         tokens = min(inputs * (body_bytes + _SPECIALS_PER_INPUT), inputs * slot_ctx)
         return Plan(inputs, tokens)
-    if path == "/v1/messages":
+    if path in MESSAGES_PATHS:
+        # /v1/messages passes neither n nor a batch of prompts to llama-server.
         cap = completion_cap(path, payload)
-        if cap is None:
-            cap = MESSAGES_DEFAULT_MAX_TOKENS
-        return Plan(1, min(slot_ctx, body_bytes + cap))
+        return Plan(1, slot_ctx if cap is None else min(slot_ctx, body_bytes + cap))
     tasks = choices(payload)
-    if path == "/v1/completions":
+    if path in BATCH_PROMPT_PATHS:
         tasks *= _batch_size(payload.get("prompt"))
     cap = completion_cap(path, payload)
     per_task = slot_ctx if cap is None else min(slot_ctx, body_bytes + cap)

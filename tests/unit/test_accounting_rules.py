@@ -77,6 +77,80 @@ def test_wrongly_typed_lengths_are_refused_naming_the_field(
     assert caught.value.status == 400 and caught.value.param == param
 
 
+BIG = 20000  # a slot context larger than /v1/messages' default length
+
+
+@pytest.mark.parametrize(
+    "path, payload, expected",
+    [
+        pytest.param(
+            "/v1/responses",
+            {"max_output_tokens": 7, "max_completion_tokens": 50},
+            (1, 150),
+            id="responses-max_completion_tokens-beats-max_output_tokens",
+        ),
+        pytest.param(
+            "/v1/responses",
+            {"max_output_tokens": None, "max_tokens": 5},
+            (1, BIG),
+            id="responses-null-max_output_tokens-replaces-max_tokens",
+        ),
+        pytest.param("/v1/messages", {"max_tokens": -1}, (1, BIG), id="messages-minus-one"),
+        pytest.param("/v1/messages", {"max_tokens": None}, (1, BIG), id="messages-null"),
+        pytest.param("/v1/messages", {}, (1, 4196), id="messages-absent-is-4096"),
+        pytest.param(
+            "/v1/messages", {"max_tokens": 2**32 - 1}, (1, BIG), id="messages-wrapping-int32"
+        ),
+        pytest.param(
+            "/v1/embeddings", {"content": ["a", "b", "c"]}, (3, 112), id="embeddings-content"
+        ),
+        pytest.param(
+            "/v1/embeddings",
+            {"input": "a", "content": ["a", "b", "c"]},
+            (1, 104),
+            id="embeddings-input-wins",
+        ),
+        pytest.param(
+            "/v1/embeddings", {"input": [1, "a", 2]}, (1, 104), id="embeddings-mixed-token-prompt"
+        ),
+        pytest.param("/embedding", {"content": ["a", "b"]}, (2, 108), id="native-embedding"),
+        pytest.param("/v1/rerank", {"texts": ["a", "b", "c"]}, (3, 312), id="rerank-texts"),
+        pytest.param(
+            "/v1/rerank",
+            {"documents": "not a list", "texts": ["a", "b"]},
+            (2, 208),
+            id="rerank-bad-documents-fall-back-to-texts",
+        ),
+        pytest.param("/reranking", {"documents": ["a", "b"]}, (2, 208), id="native-reranking"),
+        pytest.param(
+            "/completion", {"prompt": ["a", "b"], "n_predict": 10}, (2, 220), id="native-batch"
+        ),
+    ],
+)
+def test_plan_follows_aliases_and_replacements(
+    path: str, payload: dict[str, Any], expected: tuple[int, int]
+) -> None:
+    plan = tokens.plan(path, payload, 100, BIG)
+    assert (plan.tasks, plan.tokens) == expected
+
+
+@pytest.mark.parametrize(
+    "path, payload, param",
+    [
+        ("/v1/messages", {"max_tokens": -2}, "max_tokens"),
+        ("/v1/responses", {"max_output_tokens": -5}, "max_output_tokens"),
+        (CHAT, {"n_predict": -100}, "n_predict"),
+        ("/v1/rerank", {"documents": ["a"], "top_n": -1}, "top_n"),
+    ],
+)
+def test_values_llama_server_cannot_take_are_refused(
+    path: str, payload: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(Refusal) as caught:
+        tokens.plan(path, payload, 10, CTX)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
 def test_id_slot_is_dropped() -> None:
     payload = {"id_slot": 2, "messages": []}
     assert tokens.strip_server_fields(payload) and "id_slot" not in payload

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from gguf_gateway.assemble import Assembler
+import pytest
+
+from gguf_gateway.assemble import MAX_ASSEMBLED_BYTES, Assembler, TooLarge
 from gguf_gateway.sse import SseEvents, UsageTally
 
 
@@ -94,3 +96,37 @@ def test_an_error_mid_stream_becomes_the_response() -> None:
         400,
         {"error": {"code": 400, "message": "context full", "type": "exceed_context_size_error"}},
     )
+
+
+def logprob(token: str) -> dict[str, object]:
+    entry = {"id": 7, "token": token, "bytes": [1], "logprob": -0.5}
+    return {"content": [{**entry, "top_logprobs": [{**entry, "token": '"q'}]}]}
+
+
+def test_logprobs_are_kept_as_text_and_spliced_per_choice() -> None:
+    assembler = Assembler("/v1/chat/completions", UsageTally())
+    for i in range(3):
+        for index in (1, 0):
+            # Generated text that looks like the splice marker must stay text.
+            delta = {"content": f"\x00{index}-{i}"}
+            chunk = {"index": index, "delta": delta, "logprobs": logprob(f"t{index}{i}")}
+            assembler.add(json.dumps({**META, "choices": [chunk]}).encode())
+    assembler.add(b"[DONE]")
+    result = assembler.result()
+    for index in (0, 1):
+        choice = result["choices"][index]
+        assert choice["message"]["content"] == "".join(f"\x00{index}-{i}" for i in range(3))
+        assert [e["token"] for e in choice["logprobs"]["content"]] == [
+            f"t{index}{i}" for i in range(3)
+        ]
+        assert choice["logprobs"]["content"][0]["top_logprobs"][0]["token"] == '"q'
+
+
+def test_a_response_past_the_bound_is_refused_not_held() -> None:
+    assembler = Assembler("/v1/completions", UsageTally())
+    piece = {"index": 0, "text": "x" * 1000, "logprobs": logprob("x" * 1000)}
+    chunk = json.dumps({**META, "choices": [piece]}).encode()
+    with pytest.raises(TooLarge, match='"stream": true'):
+        for _ in range(MAX_ASSEMBLED_BYTES // 1000):
+            assembler.add(chunk)
+    assert MAX_ASSEMBLED_BYTES < assembler.held < MAX_ASSEMBLED_BYTES + 4 * len(chunk)

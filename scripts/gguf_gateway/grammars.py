@@ -1,0 +1,206 @@
+"""Bounds on what reaches llama-server's grammar and JSON-schema parsers.
+
+llama.cpp turns a body's ``grammar`` (GBNF), its JSON schemas (``json_schema``,
+``response_format``, tool parameters) and their regex ``pattern`` strings into grammars
+with recursive-descent code that has no depth limit of its own (b11434:
+``llama_grammar_parser::parse_sequence`` recurses once per ``(`` through
+``parse_alternates``; ``llama_grammar_detect_left_recursion`` and
+``llama_grammar_advance_stack`` once per rule on a chain of leftmost references;
+json-schema-to-grammar's ``_visit_pattern`` once per regex group, and ``_not_strings``
+once per character of a property name when ``additionalProperties`` is set). Past the
+thread's stack the whole server dies with SIGSEGV: one request takes the container down.
+Its only guard is on repetition counts (``MAX_REPETITION_THRESHOLD``, 2000), which it
+refuses with a clean 400 itself.
+
+So every such field is bounded here, by field name, whatever the route: nesting depth
+(counted the way the parser recurses), size, and the counts whose cost grows faster than
+the text. The limits sit far inside what crashed llama-server when measured (see
+docs/CONFIGURATION.md) and far above what real grammars, schemas and tool sets use. A
+field past a limit is a 400 naming it (``param``), before the body reaches llama-server.
+
+Pure functions over a parsed body; the scans are regular expressions or loops over
+already-parsed JSON, so a hostile field costs linear time here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from .refusals import Refusal, bad_request
+
+# Parentheses nested in a GBNF grammar, groups nested in a schema's regex pattern, and
+# characters of a property name that json-schema-to-grammar nests one group each for.
+MAX_NESTING = 128
+# Rule definitions plus groups in a GBNF grammar: a chain of rules each starting with a
+# reference to the next recurses once per rule in llama.cpp's left-recursion check.
+MAX_GRAMMAR_RULES = 4096
+# A grammar's text, and a schema (all tools' parameters together) as compact JSON.
+MAX_GRAMMAR_BYTES = 256 * 1024
+MAX_SCHEMA_BYTES = 256 * 1024
+# One regex pattern in a schema, or one grammar-trigger pattern.
+MAX_PATTERN_BYTES = 4096
+# Properties of one schema object: json-schema-to-grammar's optional-property rules
+# grow with the cube of their count.
+MAX_PROPERTIES = 256
+
+# GBNF tokens that can hold parentheses without nesting anything: string literals and
+# character classes (with their escapes) and comments. What is left is structure.
+_GBNF_INERT = r'"(?:\\.|[^"\\])*"?|\[(?:\\.|[^\]\\])*\]?|#[^\r\n]*'
+_GBNF_TOKEN = re.compile(_GBNF_INERT + r"|::=|[()]", re.DOTALL)
+# Regex tokens that cannot open a group: escapes and character classes.
+_REGEX_TOKEN = re.compile(r"\\.|\[(?:\\.|[^\]\\])*\]?|[()]", re.DOTALL)
+# llama.cpp's grammar trigger types that hold no regex (token, word); the others hold
+# one, compiled and run by std::regex, recursive too.
+_PLAIN_TRIGGERS = (0, 1)
+
+
+def _too_deep(field: str, what: str) -> Refusal:
+    return bad_request(
+        f"'{field}' {what} nests deeper than {MAX_NESTING} levels", "grammar", param=field
+    )
+
+
+def _too_large(field: str, what: str, limit: int) -> Refusal:
+    return bad_request(f"'{field}' {what} is larger than {limit} bytes", "grammar", param=field)
+
+
+def gbnf_shape(text: str) -> tuple[int, int]:
+    """The deepest parenthesis nesting and the rules (definitions and groups) of a grammar."""
+    depth = deepest = rules = 0
+    for match in _GBNF_TOKEN.finditer(text):
+        token = match.group()
+        if token == "(":
+            depth += 1
+            rules += 1
+            deepest = max(deepest, depth)
+        elif token == ")":
+            depth = max(0, depth - 1)
+        elif token == "::=":
+            rules += 1
+    return deepest, rules
+
+
+def regex_depth(pattern: str) -> int:
+    """The deepest group nesting of a regular expression."""
+    depth = deepest = 0
+    for match in _REGEX_TOKEN.finditer(pattern):
+        token = match.group()
+        if token == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token == ")":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def check_gbnf(text: str, field: str) -> None:
+    if len(text) > MAX_GRAMMAR_BYTES:
+        raise _too_large(field, "grammar", MAX_GRAMMAR_BYTES)
+    deepest, rules = gbnf_shape(text)
+    if deepest > MAX_NESTING:
+        raise _too_deep(field, "grammar")
+    if rules > MAX_GRAMMAR_RULES:
+        raise bad_request(
+            f"'{field}' grammar has more than {MAX_GRAMMAR_RULES} rules and groups",
+            "grammar",
+            param=field,
+        )
+
+
+def _check_pattern(pattern: str, field: str) -> None:
+    if len(pattern) > MAX_PATTERN_BYTES:
+        raise _too_large(field, "pattern", MAX_PATTERN_BYTES)
+    if regex_depth(pattern) > MAX_NESTING:
+        raise _too_deep(field, "pattern")
+
+
+def _schema_size(schemas: list[object]) -> int:
+    return sum(len(json.dumps(s, separators=(",", ":"))) for s in schemas)
+
+
+def check_schemas(schemas: list[object], field: str) -> None:
+    """Bound JSON schemas that llama-server turns into one grammar (a tool set: several)."""
+    if _schema_size(schemas) > MAX_SCHEMA_BYTES:
+        raise _too_large(field, "schema", MAX_SCHEMA_BYTES)
+    # The body's own nesting is bounded already (bodies.MAX_DEPTH): a plain walk is safe.
+    stack: list[object] = list(schemas)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            _check_pattern(pattern, f"{field}.pattern")
+        properties = node.get("properties")
+        if isinstance(properties, dict):
+            if len(properties) > MAX_PROPERTIES:
+                raise bad_request(
+                    f"'{field}' has an object with more than {MAX_PROPERTIES} properties",
+                    "grammar",
+                    param=field,
+                )
+            open_ended = node.get("additionalProperties", False) is not False
+            if open_ended and any(len(name) > MAX_NESTING for name in properties):
+                raise bad_request(
+                    f"'{field}' has a property name longer than {MAX_NESTING} characters "
+                    "in an object with additionalProperties",
+                    "grammar",
+                    param=field,
+                )
+        stack.extend(node.values())
+
+
+def _get(value: object, *path: str) -> object:
+    for name in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(name)
+    return value
+
+
+def _tool_schemas(tools: object) -> list[object]:
+    """Parameter schemas of a tool list in any of the shapes llama-server reads."""
+    if not isinstance(tools, list):
+        return []
+    found: list[object] = []
+    for tool in tools:
+        # Chat: function.parameters; Responses: parameters; Anthropic: input_schema.
+        for path in (("function", "parameters"), ("parameters",), ("input_schema",)):
+            schema = _get(tool, *path)
+            if schema is not None:
+                found.append(schema)
+    return found
+
+
+def check(payload: dict[str, Any]) -> None:
+    """Refuse a body whose grammar, schemas or trigger patterns exceed the bounds."""
+    grammar = payload.get("grammar")
+    if isinstance(grammar, str):
+        check_gbnf(grammar, "grammar")
+    for field, path in (
+        ("json_schema", ("json_schema",)),
+        ("response_format.schema", ("response_format", "schema")),
+        ("response_format.json_schema.schema", ("response_format", "json_schema", "schema")),
+        # Responses API structured output (b11434 ignores it; later builds read it).
+        ("text.format.schema", ("text", "format", "schema")),
+    ):
+        schema = _get(payload, *path)
+        if schema is not None:
+            check_schemas([schema], field)
+    tool_schemas = _tool_schemas(payload.get("tools"))
+    if tool_schemas:
+        check_schemas(tool_schemas, "tools")
+    triggers = payload.get("grammar_triggers")
+    if isinstance(triggers, list):
+        for trigger in triggers:
+            value, kind = _get(trigger, "value"), _get(trigger, "type")
+            # llama-server reads the type as an int (a bool as 0 or 1); anything else
+            # may be a pattern.
+            plain = isinstance(kind, (int, float)) and kind in _PLAIN_TRIGGERS
+            if isinstance(value, str) and not plain:
+                _check_pattern(value, "grammar_triggers")
