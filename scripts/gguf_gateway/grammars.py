@@ -1,24 +1,29 @@
 """Bounds on what reaches llama-server's grammar and JSON-schema parsers.
 
 llama.cpp turns a body's ``grammar`` (GBNF), its JSON schemas (``json_schema``,
-``response_format``, tool parameters) and their regex ``pattern`` strings into grammars
-with recursive-descent code that has no depth limit of its own (b11434:
-``llama_grammar_parser::parse_sequence`` recurses once per ``(`` through
-``parse_alternates``; ``llama_grammar_detect_left_recursion`` and
-``llama_grammar_advance_stack`` once per rule on a chain of leftmost references;
-json-schema-to-grammar's ``_visit_pattern`` once per regex group, and ``_not_strings``
-once per character of a property name when ``additionalProperties`` is set). Past the
-thread's stack the whole server dies with SIGSEGV: one request takes the container down.
-Its only guard is on repetition counts (``MAX_REPETITION_THRESHOLD``, 2000), which it
-refuses with a clean 400 itself.
+``response_format``, tool parameters) and its grammar-trigger regexes into parsers with
+recursive-descent code that has no depth limit of its own. Past the thread's stack the
+whole server dies with SIGSEGV: one request takes the container down. Measured on b11434
+with an 8 MiB stack, each crashing at once:
 
-So every such field is bounded here, by field name, whatever the route: nesting depth
-(counted the way the parser recurses), size, and the counts whose cost grows faster than
-the text. The limits sit far inside what crashed llama-server when measured (see
-docs/CONFIGURATION.md) and far above what real grammars, schemas and tool sets use. A
-field past a limit is a 400 naming it (``param``), before the body reaches llama-server.
+* ``grammar`` nested 20,000 ``(`` deep (``parse_sequence`` -> ``parse_alternates``;
+  15,000 passed);
+* a chain of 100,000 rules each starting with the next (the left-recursion check and
+  ``llama_grammar_advance_stack`` recurse once per rule; 50,000 passed);
+* a schema property name of 20,000 characters in an object with ``additionalProperties``
+  (json-schema-to-grammar's ``_not_strings`` nests one group per character; 5,000 passed);
+* a grammar-trigger pattern nested 30,000 groups deep or 100,000 characters long
+  (``std::regex`` compiles by recursion; 5,000 and 50,000 passed).
 
-Pure functions over a parsed body; the scans are regular expressions or loops over
+llama.cpp guards a schema's regex ``pattern`` itself (deeper than 100 groups it accepts
+any string) and repetition counts (``MAX_REPETITION_THRESHOLD``, refused cleanly), so
+those pass here. An object with many optional properties is the one cost that grows
+faster than its text: 2,000 properties took 25 s of llama-server's CPU (256: 0.14 s).
+
+So every such field is bounded here, by field name, whatever the route, far inside the
+crashes above and far above what real grammars, schemas and tool sets use. A field past
+a limit is a 400 naming it (``param``), before the body reaches llama-server. Pure
+functions over a parsed body; the scans are regular expressions or loops over
 already-parsed JSON, so a hostile field costs linear time here.
 """
 
@@ -30,16 +35,16 @@ from typing import Any
 
 from .refusals import Refusal, bad_request
 
-# Parentheses nested in a GBNF grammar, groups nested in a schema's regex pattern, and
+# Parentheses nested in a GBNF grammar, groups nested in a trigger pattern, and
 # characters of a property name that json-schema-to-grammar nests one group each for.
 MAX_NESTING = 128
 # Rule definitions plus groups in a GBNF grammar: a chain of rules each starting with a
 # reference to the next recurses once per rule in llama.cpp's left-recursion check.
-MAX_GRAMMAR_RULES = 4096
+MAX_GRAMMAR_RULES = 8192
 # A grammar's text, and a schema (all tools' parameters together) as compact JSON.
 MAX_GRAMMAR_BYTES = 256 * 1024
 MAX_SCHEMA_BYTES = 256 * 1024
-# One regex pattern in a schema, or one grammar-trigger pattern.
+# One grammar-trigger pattern.
 MAX_PATTERN_BYTES = 4096
 # Properties of one schema object: json-schema-to-grammar's optional-property rules
 # grow with the cube of their count.
@@ -133,9 +138,6 @@ def check_schemas(schemas: list[object], field: str) -> None:
             continue
         if not isinstance(node, dict):
             continue
-        pattern = node.get("pattern")
-        if isinstance(pattern, str):
-            _check_pattern(pattern, f"{field}.pattern")
         properties = node.get("properties")
         if isinstance(properties, dict):
             if len(properties) > MAX_PROPERTIES:

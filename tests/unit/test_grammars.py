@@ -102,63 +102,54 @@ def nested_pattern(depth: int) -> str:
     return "(" * depth + "a" + ")" * depth
 
 
+OPEN_LONG_NAME = {
+    "type": "object",
+    "properties": {"k" * (grammars.MAX_NESTING + 1): {"type": "string"}},
+    "additionalProperties": True,
+}
+MANY_PROPERTIES = {
+    "type": "object",
+    "properties": {f"p{i}": {"type": "string"} for i in range(grammars.MAX_PROPERTIES + 1)},
+}
+
+
 @pytest.mark.parametrize(
     "payload, param",
     [
+        pytest.param({"json_schema": OPEN_LONG_NAME}, "json_schema", id="native-json_schema"),
         pytest.param(
-            {"json_schema": {"type": "string", "pattern": nested_pattern(200)}},
-            "json_schema.pattern",
-            id="native-json_schema",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "object", "properties": {"a": OPEN_LONG_NAME},
+            }}}},
+            "response_format.json_schema.schema",
+            id="openai-response_format-nested",
         ),
         pytest.param(
-            {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {
-                        "name": "x",
-                        "schema": {
-                            "type": "object",
-                            "properties": {"a": {"type": "string", "pattern": nested_pattern(200)}},
-                        },
-                    },
-                }
-            },
-            "response_format.json_schema.schema.pattern",
-            id="openai-response_format",
-        ),
-        pytest.param(
-            {"response_format": {"type": "json_object", "schema": {"pattern": nested_pattern(200)}}},
-            "response_format.schema.pattern",
+            {"response_format": {"type": "json_object", "schema": MANY_PROPERTIES}},
+            "response_format.schema",
             id="llama-response_format-schema",
         ),
         pytest.param(
-            {"text": {"format": {"type": "json_schema", "schema": {"pattern": nested_pattern(200)}}}},
-            "text.format.schema.pattern",
+            {"text": {"format": {"type": "json_schema", "schema": OPEN_LONG_NAME}}},
+            "text.format.schema",
             id="responses-text-format",
         ),
         pytest.param(
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-                "type": "object",
-                "properties": {f"p{i}": {"type": "string"} for i in range(300)},
-            }}}]},
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": MANY_PROPERTIES}}]},
             "tools",
             id="chat-tool-too-many-properties",
         ),
         pytest.param(
-            {"tools": [{"type": "function", "name": "f", "parameters": {
-                "type": "object",
-                "properties": {"k" * 500: {"type": "string"}},
-                "additionalProperties": True,
-            }}]},
+            {"tools": [{"type": "function", "name": "f", "parameters": OPEN_LONG_NAME}]},
             "tools",
             id="responses-tool-long-open-property",
         ),
         pytest.param(
-            {"tools": [{"name": "f", "input_schema": {
-                "type": "object", "properties": {"a": {"type": "string", "pattern": "a" * 5000}}
-            }}]},
-            "tools.pattern",
-            id="messages-tool-long-pattern",
+            {"tools": [{"name": "f", "input_schema": {"type": "object", "properties": {
+                "a": {"type": "object", "properties": {"b": OPEN_LONG_NAME}},
+            }}}]},
+            "tools",
+            id="messages-tool-deep-inside",
         ),
         pytest.param(
             {"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {
@@ -170,7 +161,12 @@ def nested_pattern(depth: int) -> str:
         pytest.param(
             {"grammar_triggers": [{"type": 2, "value": nested_pattern(200)}]},
             "grammar_triggers",
-            id="pattern-trigger",
+            id="pattern-trigger-deep",
+        ),
+        pytest.param(
+            {"grammar_triggers": [{"type": 3, "value": "a" * (grammars.MAX_PATTERN_BYTES + 1)}]},
+            "grammar_triggers",
+            id="pattern-trigger-long",
         ),
     ],
 )  # fmt: skip
@@ -200,6 +196,11 @@ def test_schemas_and_patterns_past_the_bounds_are_refused(
         ),
         pytest.param(
             {"grammar_triggers": [{"type": 1, "value": "(" * 300}]}, id="word-trigger-is-no-regex"
+        ),
+        pytest.param(
+            # llama.cpp bounds a schema pattern's nesting itself (any string past 100).
+            {"json_schema": {"type": "string", "pattern": "^" + nested_pattern(300) + "$"}},
+            id="schema-pattern-is-llama-cpps-own",
         ),
     ],
 )

@@ -1,0 +1,202 @@
+"""Bodies that made llama-server crash, the gateway swell, or a key spend past its limits,
+against the real llama-server and gateway."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ALICE, BACKEND_KEY, Backend, GatewayFactory, GatewayHandle, gateway_env
+from support.make_model import write_model
+from support.procs import start_gateway, start_llama_server
+from test_keys_and_limits import limited_gateway
+from test_limits_hold import post, tokens_counted
+
+CRASHING_GRAMMAR = "root ::= " + "(" * 30000 + '"a"' + ")" * 30000
+
+
+SLOT_CTX = 8192
+MESSAGES_KEY = "sk-messages-tpm"
+
+
+@pytest.fixture(scope="module")
+def own_stack(keys_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    """A llama-server and gateway of this module's own: a regression here must not take
+    the session's llama-server down with it. Its slots hold more than /v1/messages'
+    default length (the session's model is trained for 4,096 tokens, which caps them)."""
+    logs = tmp_path_factory.mktemp("bounds")
+    model = logs / "long.gguf"
+    write_model(model, context=4 * SLOT_CTX)
+    keys = logs / "keys.txt"
+    keys.write_text(keys_file.read_text() + f"m:{MESSAGES_KEY} tpm=6000\n")
+    server, port = start_llama_server(
+        model, logs / "llama-server.log", api_key=BACKEND_KEY, ctx_per_slot=SLOT_CTX
+    )
+    try:
+        gw, gw_port = start_gateway(gateway_env(port, keys), logs / "gateway.log")
+        try:
+            yield GatewayHandle(gw, gw_port, Backend(server, port, BACKEND_KEY, model))
+        finally:
+            gw.stop()
+    finally:
+        server.stop()
+
+
+def test_nested_grammar_is_refused_and_llama_server_stays_up(own_stack: GatewayHandle) -> None:
+    gw = own_stack
+    payload = {"prompt": "x", "max_tokens": 2, "grammar": CRASHING_GRAMMAR}
+    assert len(json.dumps(payload)) > 60_000
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        body = {**payload, "messages": [{"role": "user", "content": "x"}]}
+        status, _, answer = post(gw.port, path, ALICE, body)
+        assert status == 400, answer
+        error = json.loads(answer)["error"]
+        assert error["param"] == "grammar" and error["type"] == "invalid_request_error"
+    assert gw.backend.proc.alive()
+    # A real grammar and a real schema still constrain what llama-server generates.
+    grammar = {"prompt": "x", "max_tokens": 8, "grammar": 'root ::= "yes" | "no"'}
+    status, _, answer = post(gw.port, "/v1/completions", ALICE, grammar)
+    assert status == 200, answer
+    assert json.loads(answer)["choices"][0]["text"] in ("yes", "no")
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    # (Chat with a schema fails inside this llama-server with the tiny model's template,
+    # gateway or not: "Failed to initialize samplers". Text completions take one.)
+    constrained = {"prompt": "x", "max_tokens": 200, "json_schema": schema}
+    status, _, answer = post(gw.port, "/v1/completions", ALICE, constrained)
+    assert status == 200, answer
+    content = json.loads(answer)["choices"][0]["text"]
+    assert re.fullmatch(r'\{\s*"ok"\s*:\s*(true|false)\s*\}\s*', content), content
+
+
+@pytest.mark.parametrize(
+    "path, extra, param",
+    [
+        pytest.param(
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+                "type": "object",
+                "properties": {"k" * 20000: {"type": "string"}},
+                "additionalProperties": True,
+            }}}},
+            "response_format.json_schema.schema",
+            id="long-open-property-name",
+        ),
+        pytest.param(
+            "/v1/completions",
+            {"grammar": 'root ::= "a"', "grammar_lazy": True, "grammar_triggers": [
+                {"type": 2, "value": "(" * 30000 + "a" + ")" * 30000},
+            ]},
+            "grammar_triggers",
+            id="nested-trigger-pattern",
+        ),
+    ],
+)  # fmt: skip
+def test_other_crashing_grammar_inputs_are_refused_naming_the_field(
+    own_stack: GatewayHandle, path: str, extra: dict[str, object], param: str
+) -> None:
+    payload = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    status, _, answer = post(own_stack.port, path, ALICE, {**payload, **extra})
+    assert status == 400, answer
+    assert json.loads(answer)["error"]["param"] == param
+    assert own_stack.backend.proc.alive()
+
+
+def rss_kib(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.M)
+    assert match, status
+    return int(match.group(1))
+
+
+def test_logprobs_cannot_swell_the_gateway(own_stack: GatewayHandle) -> None:
+    gw = own_stack
+    ask = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "logprobs": True}
+    # More alternatives than the cap: refused before llama-server runs anything.
+    status, _, answer = post(gw.port, "/v1/chat/completions", ALICE, {**ask, "top_logprobs": 1000})
+    assert status == 400 and json.loads(answer)["error"]["param"] == "top_logprobs", answer
+    status, _, answer = post(gw.port, "/v1/completions", ALICE, {"prompt": "x", "n_probs": 1000})
+    assert status == 400 and json.loads(answer)["error"]["param"] == "n_probs", answer
+    # Within the cap, a small request still asks for a large answer: four choices of 6,000
+    # tokens with 20 alternatives each (about 30 MB as JSON). Assembled, it is refused once
+    # it outgrows the bound, and the gateway's memory stays near where it was.
+    status, _, answer = post(gw.port, "/v1/chat/completions", ALICE, {**ask, "top_logprobs": 20})
+    assert status == 200 and json.loads(answer)["choices"][0]["logprobs"]["content"], answer
+    before = rss_kib(gw.proc.pid, "VmRSS")
+    big = {**ask, "top_logprobs": 20, "n": 4, "max_tokens": 6000, "ignore_eos": True}
+    status, headers, answer = post(gw.port, "/v1/chat/completions", ALICE, big, timeout=300)
+    grown_mib = (rss_kib(gw.proc.pid, "VmHWM") - before) / 1024
+    assert grown_mib < 120, f"the gateway grew by {grown_mib:.0f} MiB (status {status})"
+    assert status == 502, (status, answer[:300])
+    error = json.loads(answer)["error"]
+    assert "stream" in error["message"] and headers["x-should-retry"] == "false"
+    # The same request as a stream is relayed, not held.
+    status, _, answer = post(
+        gw.port, "/v1/chat/completions", ALICE, {**big, "n": 1, "stream": True}, timeout=300
+    )
+    assert status == 200 and answer.rstrip().endswith(b"[DONE]")
+
+
+def test_responses_reserve_by_the_length_llama_server_obeys(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = limited_gateway(make_gateway, tmp_path, "r:sk-responses-tpm tpm=1000\n")
+    # llama-server copies max_output_tokens into max_tokens, behind max_completion_tokens.
+    payload = {
+        "input": "hi",
+        "max_output_tokens": 10,
+        "max_completion_tokens": 600,
+        "ignore_eos": True,
+    }
+    status, _, answer = post(gw.port, "/v1/responses", "sk-responses-tpm", payload)
+    assert status == 200, answer
+    assert json.loads(answer)["usage"]["output_tokens"] == 600
+    # 600 and more are spent of 1,000: a second 600 does not fit.
+    status, headers, answer = post(gw.port, "/v1/responses", "sk-responses-tpm", payload)
+    assert status == 429, answer
+    counted = tokens_counted(gw, "r")
+    assert counted["prompt"] + counted["completion"] <= 1000
+
+
+def test_messages_without_a_length_limit_reserve_the_slot_context(
+    own_stack: GatewayHandle,
+) -> None:
+    # A slot holds 8,192 tokens, more than this key's 6,000 a minute: a request that may
+    # fill one can never fit. Without max_tokens llama-server stops at 4,096, which fits.
+    gw = own_stack
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for unlimited in (-1, None):
+        payload = {**base, "max_tokens": unlimited}
+        status, headers, answer = post(gw.port, "/v1/messages", MESSAGES_KEY, payload)
+        assert status == 429 and headers["x-should-retry"] == "false", answer
+    status, _, answer = post(gw.port, "/v1/messages", MESSAGES_KEY, {**base, "max_tokens": -2})
+    assert status == 400 and json.loads(answer)["error"]["param"] == "max_tokens", answer
+    status, _, answer = post(gw.port, "/v1/messages", MESSAGES_KEY, {**base, "max_tokens": 5})
+    assert status == 200, answer
+    assert tokens_counted(gw, "m")["completion"] <= 5
+
+
+def test_embedding_batches_by_content_are_planned_like_input(
+    make_gateway: GatewayFactory, backend: Backend, tmp_path: Path
+) -> None:
+    gw = limited_gateway(make_gateway, tmp_path, "e:sk-embed-alias tpm=18000\n")
+    # 40 inputs of about 450 tokens: 18,000 and more in all, more than one slot's context
+    # (16,384), which is all one task could ever hold.
+    batch = ["x" * 450] * 40
+    for field in ("input", "content"):
+        status, headers, answer = post(gw.port, "/v1/embeddings", "sk-embed-alias", {field: batch})
+        assert status == 429 and headers["x-should-retry"] == "false", (field, answer[:200])
+    # A batch that fits runs every input; by content the answer is llama-server's own list.
+    status, _, answer = post(
+        gw.port, "/v1/embeddings", "sk-embed-alias", {"content": ["one", "two", "three"]}
+    )
+    assert status == 200, answer
+    assert len(json.loads(answer)) == 3
