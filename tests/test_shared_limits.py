@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import GatewayFactory, GatewayHandle
+from support.fake_redis import FakeRedis, healthy
 from support.procs import wait_until
 from support.redis_server import RedisServer
 from test_keys_and_limits import health
@@ -127,3 +129,39 @@ def test_requests_keep_flowing_while_redis_is_down_and_sharing_resumes(
     for gw in (a, b):
         wait_until(sharing(gw), 15, "the limiter to come back")
     assert chat(a, "sk-shared-down-00") == 200
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param({"delay": 0.15}, id="slow-150ms"),
+        pytest.param({"reply": b":notanint\r\n"}, id="bad-integer"),
+        pytest.param({"reply": b"*3\r\n:1\r\n:2\r\n:3\r\n"}, id="wrong-shape"),
+        pytest.param({"reply": b"$99999999999\r\n"}, id="huge-bulk"),
+        pytest.param({"reset": True}, id="reset"),
+    ],
+)
+def test_every_request_is_answered_whatever_redis_does(
+    make_gateway: GatewayFactory, tmp_path: Path, fault: dict[str, Any]
+) -> None:
+    fake = FakeRedis().start()
+    try:
+        keys = tmp_path / "fault_keys.txt"
+        keys.write_text("f:sk-shared-fault-00 rpm=1000 tpm=100000 concurrency=4\n")
+        gw = make_gateway(AUTH_KEYS_FILE=str(keys), REDIS_URL=fake.url)
+        wait_until(sharing(gw), 10, "the shared limiter")
+        fake.delay = fault.get("delay", 0.0)
+        fake.reset = fault.get("reset", False)
+        if "reply" in fault:
+            raw = fault["reply"]
+            fake.reply = lambda c: raw if c[0].upper() in (b"EVALSHA", b"EVAL") else healthy(c)
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: chat(gw, "sk-shared-fault-00"), range(12)))
+        assert statuses == [200] * 12  # answered, within the key's local limits
+        assert not health(gw)["limiter"]["shared"]
+        fake.delay, fake.reset, fake.reply = 0.0, False, healthy
+        wait_until(sharing(gw), 15, "the limiter to come back")  # its task survived
+        assert chat(gw, "sk-shared-fault-00") == 200
+        assert "Traceback" not in gw.proc.log()
+    finally:
+        fake.stop()

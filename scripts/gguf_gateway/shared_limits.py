@@ -14,6 +14,13 @@ The client is a few dozen lines of RESP on asyncio streams (the gateway's runtim
 standard library). No request waits on Redis for more than REDIS_TIMEOUT: a slow or
 unreachable Redis makes the replica fall back to its own in-memory limits, report
 ``limiter`` down in /health and ``gateway_limiter_up 0``, and reconnect in the background.
+
+Any failure is a fallback, never an error of the request: a timeout, a reset, a reply that
+is not RESP or not the shape a script returns (the connection is then closed, since later
+replies may be out of step), or anything else a broken or hostile Redis can cause. The
+background task that reconnects survives all of these too, and only calls Redis up again
+once it answers a PING within REDIS_TIMEOUT, so a Redis that is merely slow keeps the
+replica on local limits instead of costing one request in every reconnect 100 ms.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ log = logging.getLogger("gateway")
 REDIS_TIMEOUT = 0.1  # seconds a request may wait on Redis
 RECONNECT_SECONDS = 1.0
 PREFIX = "llama-gguf-inference:"
+# What a reply may hold: the scripts here return a few integers.
+MAX_BULK = 1 << 20
+MAX_ITEMS = 1024
+MAX_DEPTH = 4
 
 # KEYS[1] times; ARGV now_ms, limit, member. -> {0, count} taken, or {wait_ms, count}.
 RATE = """
@@ -95,6 +106,10 @@ class RedisError(Exception):
     """Redis answered with an error, or could not be reached in time."""
 
 
+class RedisProtocolError(ConnectionError):
+    """The reply is not RESP, or not what the command returns: the stream is out of step."""
+
+
 def _command(args: Sequence[str | int | float]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -103,27 +118,52 @@ def _command(args: Sequence[str | int | float]) -> bytes:
     return b"".join(out)
 
 
-async def _reply(reader: asyncio.StreamReader) -> object:
-    line = await reader.readline()
+async def _reply(reader: asyncio.StreamReader, depth: int = 0) -> object:
+    line = await reader.readline()  # a line over the reader's limit raises ValueError
     if not line.endswith(b"\r\n"):
         raise ConnectionError("Redis closed the connection")
     kind, rest = line[:1], line[1:-2]
     if kind == b"+":
-        return rest.decode()
+        return rest.decode(errors="replace")
     if kind == b"-":
         raise RedisError(rest.decode(errors="replace"))
     if kind == b":":
-        return int(rest)
+        return _integer(rest)
     if kind == b"$":
-        size = int(rest)
+        size = _integer(rest)
         if size < 0:
             return None
+        if size > MAX_BULK:
+            raise RedisProtocolError(f"a {size}-byte Redis reply")
         data = await reader.readexactly(size + 2)
+        if data[-2:] != b"\r\n":
+            raise RedisProtocolError("a Redis bulk reply not ended by CRLF")
         return data[:-2]
     if kind == b"*":
-        count = int(rest)
-        return None if count < 0 else [await _reply(reader) for _ in range(count)]
-    raise ConnectionError(f"unexpected Redis reply {line[:20]!r}")
+        count = _integer(rest)
+        if count < 0:
+            return None
+        if count > MAX_ITEMS or depth >= MAX_DEPTH:
+            raise RedisProtocolError("a Redis reply nested too deep or too long")
+        return [await _reply(reader, depth + 1) for _ in range(count)]
+    raise RedisProtocolError(f"unexpected Redis reply {line[:20]!r}")
+
+
+def _integer(raw: bytes) -> int:
+    if not raw or not raw.lstrip(b"-").isdigit() or len(raw) > 20:
+        raise RedisProtocolError(f"not a RESP integer: {raw[:20]!r}")
+    return int(raw)
+
+
+def _ints(reply: object, count: int) -> tuple[int, ...]:
+    """A script's reply: one integer (``count`` 1) or a list of ``count`` integers; anything
+    else means the stream is not to be trusted."""
+    if count == 1 and isinstance(reply, int) and not isinstance(reply, bool):
+        return (reply,)
+    if count > 1 and isinstance(reply, list) and len(reply) == count:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in reply):
+            return tuple(reply)
+    raise RedisProtocolError(f"a script answered {str(reply)[:40]!r}")
 
 
 class RedisClient:
@@ -165,7 +205,8 @@ class RedisClient:
             self._streams = None
 
     async def _call(self, *args: str | int | float) -> object:
-        assert self._streams is not None
+        if self._streams is None:  # closed by a failure while this call waited its turn
+            raise ConnectionError("Redis connection closed")
         reader, writer = self._streams
         writer.write(_command(args))
         return await _reply(reader)
@@ -179,8 +220,10 @@ class RedisClient:
                 return await self._call(*args)
         except RedisError:
             raise
-        except (OSError, asyncio.IncompleteReadError, ValueError, BaseException):
-            self.close()  # a reply may still be on its way: the stream is out of step
+        except BaseException:
+            # A timeout, a reset, a reply we could not read: one may still be on its way,
+            # and the stream is out of step for whoever calls next.
+            self.close()
             raise
 
     async def script(self, source: str, keys: Sequence[str], args: Sequence[object]) -> object:
@@ -208,6 +251,7 @@ class SharedLimits:
         self._prefix = f"{os.getpid():x}.{os.urandom(4).hex()}."
         self._leases: dict[str, tuple[str, str]] = {}  # lease -> (redis key, key_id)
         self._task: asyncio.Task[None] | None = None
+        self._said_down = False  # the last state logged was "down"
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._maintain())
@@ -225,30 +269,49 @@ class SharedLimits:
         return f"{self._prefix}{next(self._ids)}"
 
     async def _maintain(self) -> None:
-        """Keep a connection (reconnecting after failures) and renew the leases we hold."""
+        """Keep a connection (reconnecting after failures) and renew the leases we hold.
+        Nothing Redis does can end this task: every failure is logged and retried."""
         renewed = 0.0
         while True:
-            if not self.client.connected:
-                try:
-                    async with asyncio.timeout(2.0):
-                        await self.client.connect()
-                    await asyncio.wait_for(self.client.call("PING"), 2.0)
-                    if not self.up:
-                        log.info(
-                            "limiter: Redis at %s:%s is up", self.client.host, self.client.port
-                        )
-                    self.up = True
-                except (OSError, TimeoutError, RedisError, ConnectionError) as exc:
-                    self.client.close()
-                    if self.up:
-                        log.warning("limiter: Redis unreachable (%s): limits are per replica", exc)
-                    self.up = False
-            elif time.monotonic() - renewed >= self.lease_seconds / 3:
-                renewed = time.monotonic()
-                expiry = int(time.time() * 1000 + self.lease_seconds * 1000)
-                for lease, (key, _) in list(self._leases.items()):
-                    await self._run("ZADD", key, "XX", expiry, lease)
+            try:
+                if not self.client.connected:
+                    await self._reconnect()
+                elif time.monotonic() - renewed >= self.lease_seconds / 3:
+                    renewed = time.monotonic()
+                    expiry = int(time.time() * 1000 + self.lease_seconds * 1000)
+                    for lease, (key, _) in list(self._leases.items()):
+                        await self._run("ZADD", key, "XX", expiry, lease)
+            except Exception as exc:  # noqa: BLE001 - the limiter must outlive any Redis
+                self._down(exc)
             await asyncio.sleep(RECONNECT_SECONDS if not self.up else 0.5)
+
+    async def _reconnect(self) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await self.client.connect()
+            # Up only if it answers within what a request may wait: a Redis that is slower
+            # than that would cost a request REDIS_TIMEOUT at every reconnect.
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                pong = await self.client.call("PING")
+            if pong != "PONG":
+                raise RedisProtocolError(f"PING answered {str(pong)[:20]!r}")
+        except Exception as exc:  # noqa: BLE001 - a failed reconnect is retried later
+            self.client.close()
+            if self.up or not self._said_down:
+                reason = "timed out" if isinstance(exc, TimeoutError) else exc
+                log.warning(
+                    "limiter: Redis at %s:%s unusable (%s): limits are per replica",
+                    self.client.host,
+                    self.client.port,
+                    reason,
+                )
+                self._said_down = True
+            self.up = False
+            return
+        if not self.up:
+            log.info("limiter: Redis at %s:%s is up", self.client.host, self.client.port)
+        self.up = True
+        self._said_down = False
 
     async def _run(self, *args: str | int | float) -> object | None:
         if not self.up:
@@ -256,26 +319,32 @@ class SharedLimits:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
                 return await self.client.call(*args)
-        except (OSError, TimeoutError, RedisError, ConnectionError, asyncio.IncompleteReadError):
-            self._down()
+        except Exception as exc:  # noqa: BLE001 - any failure of Redis is a fallback
+            self._down(exc)
             return None
 
-    async def _script(self, source: str, keys: list[str], args: list[object]) -> object | None:
+    async def _script(
+        self, source: str, keys: list[str], args: list[object], count: int
+    ) -> tuple[int, ...] | None:
+        """The script's reply as ``count`` integers, or None: no answer within
+        REDIS_TIMEOUT, or any failure at all (the caller then decides locally)."""
         if not self.up:
             return None
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                return await self.client.script(source, keys, args)
-        except (OSError, TimeoutError, RedisError, ConnectionError, asyncio.IncompleteReadError):
-            self._down()
+                return _ints(await self.client.script(source, keys, args), count)
+        except Exception as exc:  # noqa: BLE001 - any failure of Redis is a fallback
+            self._down(exc)
             return None
 
-    def _down(self) -> None:
+    def _down(self, exc: BaseException) -> None:
         if self.up:
-            log.warning(
-                "limiter: Redis did not answer in %.0f ms: limits are per replica now",
-                REDIS_TIMEOUT * 1000,
-            )
+            if isinstance(exc, TimeoutError):
+                reason = f"did not answer in {REDIS_TIMEOUT * 1000:.0f} ms"
+            else:
+                reason = f"failed ({type(exc).__name__}: {str(exc)[:80]})"
+            log.warning("limiter: Redis %s: limits are per replica now", reason)
+            self._said_down = True
         self.up = False
         self.client.close()
 
@@ -286,11 +355,11 @@ class SharedLimits:
     async def take_request(self, key_id: str, limit: int) -> tuple[float, int] | None:
         """(seconds to wait or 0 when counted, requests in the window) or None."""
         got = await self._script(
-            RATE, [PREFIX + "rpm:" + key_id], [self._now_ms(), limit, self._new_id()]
+            RATE, [PREFIX + "rpm:" + key_id], [self._now_ms(), limit, self._new_id()], 2
         )
-        if not isinstance(got, list):
+        if got is None:
             return None
-        return int(got[0]) / 1000, int(got[1])
+        return got[0] / 1000, got[1]
 
     async def reserve(
         self, key_id: str, tokens: int, limit: int
@@ -298,16 +367,16 @@ class SharedLimits:
         """(reservation id, 0, used) when reserved, (None, wait s or inf, used), or None."""
         rid = self._new_id()
         keys = [PREFIX + "tpm:" + key_id, PREFIX + "tpmv:" + key_id]
-        got = await self._script(RESERVE, keys, [self._now_ms(), tokens, limit, rid])
-        if not isinstance(got, list):
+        got = await self._script(RESERVE, keys, [self._now_ms(), tokens, limit, rid], 2)
+        if got is None:
             return None
-        wait, used = int(got[0]), int(got[1])
+        wait, used = got
         if wait == 0:
             return rid, 0.0, used
         return None, (float("inf") if wait < 0 else wait / 1000), used
 
     async def settle(self, key_id: str, rid: str, tokens: int) -> None:
-        await self._script(SETTLE, [PREFIX + "tpmv:" + key_id], [rid, tokens])
+        await self._script(SETTLE, [PREFIX + "tpmv:" + key_id], [rid, tokens], 1)
 
     async def enter(self, key_id: str, limit: int) -> str | bool | None:
         """A lease id when a concurrent place was taken, False when full, None: no answer."""
@@ -315,11 +384,11 @@ class SharedLimits:
         key = PREFIX + "conc:" + key_id
         now = self._now_ms()
         got = await self._script(
-            ENTER, [key], [now, limit, lease, now + int(self.lease_seconds * 1000)]
+            ENTER, [key], [now, limit, lease, now + int(self.lease_seconds * 1000)], 1
         )
         if got is None:
             return None
-        if got == 1:
+        if got[0] == 1:
             self._leases[lease] = (key, key_id)
             return lease
         return False
