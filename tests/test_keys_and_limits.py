@@ -355,3 +355,26 @@ def test_sighup_reloads_keys_at_once(make_gateway: GatewayFactory, tmp_path: Pat
     wait_until(lambda: "keys reloaded" in gw.proc.log(), 5, "the reload")
     assert chat(gw.port, "sk-second-key-00", tokens=1)[0] == 200
     assert chat(gw.port, "sk-first-key-000", tokens=1)[0] == 401
+
+
+@pytest.mark.parametrize("breakage", ["missing", "a-directory", "not-utf8"])
+def test_a_reload_while_the_key_file_is_broken_keeps_the_last_good_keys(
+    make_gateway: GatewayFactory, tmp_path: Path, breakage: str
+) -> None:
+    import signal
+
+    gw = limited_gateway(make_gateway, tmp_path, "keep:sk-keep-this-key-0\n")
+    keys = tmp_path / "limited_keys.txt"
+    assert chat(gw.port, "sk-keep-this-key-0", tokens=1)[0] == 200
+    keys.unlink()
+    if breakage == "a-directory":
+        keys.mkdir()  # the mtime check sees a change; reading it fails
+    elif breakage == "not-utf8":
+        keys.write_bytes(b"keep:sk-keep-this-key-0\n\xff\xfe\n")
+    gw.proc.signal(signal.SIGHUP)
+    wait_until(lambda: "keeping the last good keys" in gw.proc.log(), 10, "the warning")
+    wait_until(lambda: "keys reloaded" in gw.proc.log(), 10, "the reload")
+    time.sleep(1.1)  # past the once-a-second mtime check, which must keep them too
+    assert chat(gw.port, "sk-keep-this-key-0", tokens=1)[0] == 200
+    assert "WARNING" in gw.proc.log() or "warning" in gw.proc.log().lower()
+    assert "sk-keep-this-key-0" not in gw.proc.log()

@@ -172,6 +172,7 @@ class KeySource:
         self._log = log or (lambda message: None)
         self._signature: tuple[int, int, int] | None = None
         self._checked = 0.0
+        self._file_read = False  # the key file has been read once: its keys are in force
         self.ring = KeyRing(())
         self.reload()
 
@@ -195,13 +196,24 @@ class KeySource:
             stat = os.stat(self.keys_file)
             text = self.keys_file.read_text(encoding="utf-8")
         except FileNotFoundError:
+            if self._file_read:
+                # Gone after it was read (a volume remounting, an editor's rename, a slip):
+                # revoking every key would lock everyone out. Revoke with key_mgmt.py, or
+                # an empty file.
+                self._log(
+                    f"AUTH_KEYS_FILE {self.keys_file}: missing; keeping the last good keys "
+                    f"({len(self.ring)} key(s))"
+                )
+                return
             self._signature = None
         except (OSError, UnicodeDecodeError) as exc:
             self._log(
-                f"AUTH_KEYS_FILE {self.keys_file}: cannot read ({exc}); keeping previous keys"
+                f"AUTH_KEYS_FILE {self.keys_file}: cannot read ({exc}); keeping the last good "
+                f"keys ({len(self.ring)} key(s))"
             )
             return
         else:
+            self._file_read = True
             self._signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
             parsed, problems = parse_key_text(text, str(self.keys_file))
             for problem in problems:
