@@ -161,3 +161,28 @@ def test_metrics_answer_while_llama_servers_metrics_hang(make_gateway: GatewayFa
         wait_until(lambda: fake.generation_requests >= 1, 10, "the /metrics fetch")
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("fake", ["oversized_answer"], indirect=True)
+def test_a_whole_answer_past_the_buffer_bound_is_refused_unread(
+    fake: FakeBackend, make_gateway: GatewayFactory
+) -> None:
+    gw = make_gateway(backend_port=fake.port)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/v1/embeddings",
+            body=json.dumps({"input": "hi"}),
+            headers={"Authorization": f"Bearer {ALICE}"},
+        )
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+    finally:
+        conn.close()
+    assert status == 502, body
+    assert (
+        "larger than the 268435456 bytes the gateway buffers"
+        in json.loads(body)["error"]["message"]
+    )
+    assert_still_serving(gw.port)

@@ -32,7 +32,7 @@ STREAM_HEAD = (
 
 class FakeBackend:
     """Modes: hang, reset_mid_stream, silent_mid_stream, garbage, slow_head, close_before_head,
-    usage_first_then_pause."""
+    usage_first_then_pause, oversized_answer."""
 
     def __init__(self, mode: str, delay: float = 1.0) -> None:
         self.mode = mode
@@ -125,6 +125,13 @@ class FakeBackend:
             conn.sendall(
                 _chunk(b'event: message_stop\ndata: {"type":"message_stop"}\n\n') + b"0\r\n\r\n"
             )
+        elif mode == "oversized_answer":
+            # A whole answer announced larger than the gateway buffers (300 MiB).
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 314572800\r\n\r\n" + b'{"data":[' + b" " * 65536
+            )
+            self._stop.wait(60)
         elif mode == "silent_mid_stream":
             conn.sendall(STREAM_HEAD + _chunk(EVENT))
             self._stop.wait(60)
