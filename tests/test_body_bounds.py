@@ -200,3 +200,34 @@ def test_embedding_batches_by_content_are_planned_like_input(
     )
     assert status == 200, answer
     assert len(json.loads(answer)) == 3
+
+
+def test_rerank_by_texts_counts_every_document(
+    model_file: Path, keys_file: Path, tmp_path: Path
+) -> None:
+    server, port = start_llama_server(
+        model_file, tmp_path / "llama-server.log", api_key=BACKEND_KEY, extra=["--reranking"]
+    )
+    try:
+        keys = tmp_path / "keys.txt"
+        keys.write_text(keys_file.read_text() + "r:sk-rerank-tpm tpm=2000\n")
+        gw, gw_port = start_gateway(gateway_env(port, keys), tmp_path / "gateway.log")
+        try:
+            # Each document is scored with the query: ten of them run the 400-byte query
+            # ten times, about 4,000 tokens, whichever name the list has. By texts (the TEI
+            # format) the answer carries no usage to settle on.
+            query = {"query": "q" * 400}
+            for field in ("documents", "texts"):
+                body = {**query, field: [f"doc {i}" for i in range(10)]}
+                status, headers, answer = post(gw_port, "/v1/rerank", "sk-rerank-tpm", body)
+                assert status == 429 and headers["x-should-retry"] == "false", (field, answer)
+            small = {"query": "q", "texts": ["a", "b", "c"]}
+            status, _, answer = post(gw_port, "/v1/rerank", "sk-rerank-tpm", small)
+            assert status == 200 and len(json.loads(answer)) == 3, answer
+            # A negative top_n made llama-server resize its results to 2**64 - 1 (a 500).
+            status, _, answer = post(gw_port, "/v1/rerank", "sk-rerank-tpm", {**small, "top_n": -1})
+            assert status == 400 and json.loads(answer)["error"]["param"] == "top_n", answer
+        finally:
+            gw.stop()
+    finally:
+        server.stop()
