@@ -436,6 +436,28 @@ def test_a_hub_model_that_cannot_be_had_exits_2_leaving_nothing(
     assert not children_of(stack.proc.pid)
 
 
+def test_a_hub_listing_a_name_with_newlines_exits_2_and_never_reaches_llama_server(
+    tmp_path: Path, stacks: list[Stack]
+) -> None:
+    evil = "tiny-Q8_0.gguf\n--tools\nall\n--api-prefix\n/x.gguf"
+    hub = FakeHub({"owner/tiny-GGUF": HubRepo({evil: b"GGUF"})}).start()
+    data = tmp_path / "hubevil"
+    data.mkdir()
+    (data / "api_keys.txt").write_text(f"tester:{KEY}\n")
+    try:
+        stack = start_stack(
+            stacks, data, tmp_path, MODEL_REPO="owner/tiny-GGUF:Q8_0", HF_ENDPOINT=hub.url
+        )
+        assert stack.proc.wait(30) == 2
+    finally:
+        hub.stop()
+    log = stack.proc.log()
+    assert "HF_ENDPOINT=" in log and "refused, nothing was written" in log
+    assert "starting 1 llama-server" not in log and "Traceback" not in log
+    assert not [p for p in data.rglob("*") if p.is_file() and p.name != "api_keys.txt"]
+    assert not children_of(stack.proc.pid)
+
+
 def health_of(stack: Stack) -> dict[str, Any]:
     try:
         status, body = http_get(stack.port, "/health", timeout=2)
