@@ -16,6 +16,7 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from support.fake_hub import FakeHub, HubRepo
 from support.make_model import write_model
@@ -528,6 +529,15 @@ def test_two_backends_share_the_load_and_keep_long_prefixes_together(
         assert long_one.result() == 2600
     final = routed(stack)
     assert [f - a for f, a in zip(final, after)] == [1, 1]
+
+    # Each llama-server's own series are in the gateway's /metrics, told apart by a label.
+    def backend_labels() -> set[str]:
+        text = http_get(stack.port, "/metrics")[1].decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        tokens = families.get("llamacpp:prompt_tokens")
+        return {s.labels["backend"] for s in tokens.samples} if tokens else set()
+
+    wait_until(lambda: backend_labels() == {"0", "1"}, 30, "both llama-servers' series")
     log = stack.proc.log()
     assert "backends:      2 llama-servers" in log
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
