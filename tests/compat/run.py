@@ -41,6 +41,33 @@ from support.llama_sdist import sdist_root  # noqa: E402
 from support.make_model import write_model  # noqa: E402
 from support.procs import free_port, llama_server_bin  # noqa: E402
 
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def lay_out_suite(llama_cpp: Path, suite: Path) -> None:
+    """A copy of tools/server/tests where it lives in llama.cpp's tree, the rest linked.
+
+    The suite reaches into the tree by relative paths (``../../../models/templates``,
+    ``../../../tools`` for its media), so it runs at the same depth, beside links to the
+    sdist's other directories; only the tests themselves are copied (they write files).
+    """
+    tree = suite.parent / "llama.cpp"
+    for parts in ((), ("tools",), ("tools", "server")):
+        source, target = llama_cpp.joinpath(*parts), tree.joinpath(*parts)
+        target.mkdir(parents=True, exist_ok=True)
+        keep = {"tools", "server", "tests"}
+        for entry in source.iterdir():
+            if entry.name not in keep:
+                (target / entry.name).symlink_to(entry)
+    tests = tree / "tools" / "server" / "tests"
+    shutil.copytree(llama_cpp / "tools" / "server" / "tests", tests)
+    suite.symlink_to(tests)
+
 
 def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
     """test id -> (passed|failed|error|skipped, first line of the message)."""
@@ -109,9 +136,11 @@ def run_suite(mode: str, work: Path, model: Path, junit: Path) -> float:
 def main() -> int:
     modes = os.environ.get("COMPAT_MODES", "direct gateway").split()
     work = Path(tempfile.mkdtemp(prefix="llama-compat-"))
-    shutil.copytree(sdist_root() / "tools" / "server" / "tests", work / "suite")
+    lay_out_suite(sdist_root(), work / "suite")
     model = work / "models" / "tiny.gguf"
-    write_model(model)
+    # ChatML, which llama-server recognises without --jinja (the suite runs most tests
+    # without it), as it does for the suite's own models.
+    write_model(model, chat_template=CHATML)
     results: dict[str, dict[str, tuple[str, str]]] = {}
     durations: dict[str, float] = {}
     for mode in modes:

@@ -55,6 +55,7 @@ def write_model(
     f16: bool = False,
     split_tensors: int = 0,
     seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> list[Path]:
     """Write the model; returns the files written (several when split)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def write_model(
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(dtype)
