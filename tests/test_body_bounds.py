@@ -231,3 +231,76 @@ def test_rerank_by_texts_counts_every_document(
             gw.stop()
     finally:
         server.stop()
+
+
+OPEN_SCHEMA = {
+    "type": "object",
+    "properties": {"k" * 20000: {"type": "string"}},
+    "additionalProperties": True,
+}
+CHAT_MESSAGES = [{"role": "user", "content": "x"}]
+
+
+@pytest.fixture(scope="module")
+def tool_stack(
+    model_file: Path, keys_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayHandle]:
+    """A llama-server whose chat template has a tool-call format: tool schemas become
+    grammars there."""
+    logs = tmp_path_factory.mktemp("tools")
+    template = Path(__file__).parent / "data" / "tool_call_template.jinja"
+    server, port = start_llama_server(
+        model_file,
+        logs / "llama-server.log",
+        api_key=BACKEND_KEY,
+        parallel=1,
+        ctx_per_slot=4096,
+        extra=["--jinja", "--chat-template-file", str(template)],
+    )
+    try:
+        gw, gw_port = start_gateway(gateway_env(port, keys_file), logs / "gateway.log")
+        try:
+            yield GatewayHandle(gw, gw_port, Backend(server, port, BACKEND_KEY, model_file))
+        finally:
+            gw.stop()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "path, payload",
+    [
+        pytest.param(
+            "/v1/chat/completions",
+            {"messages": CHAT_MESSAGES, "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": OPEN_SCHEMA}}
+            ]},
+            id="chat",
+        ),
+        pytest.param(
+            "/v1/messages",
+            {"model": "m", "messages": CHAT_MESSAGES, "tools": [
+                {"name": "f", "description": "d", "input_schema": OPEN_SCHEMA}
+            ]},
+            id="messages",
+        ),
+        pytest.param(
+            "/v1/responses",
+            {"input": "x", "tools": [{"type": "function", "name": "f", "parameters": OPEN_SCHEMA}]},
+            id="responses",
+        ),
+    ],
+)  # fmt: skip
+def test_tool_schemas_that_crashed_llama_server_are_refused(
+    tool_stack: GatewayHandle, path: str, payload: dict[str, object]
+) -> None:
+    status, _, answer = post(tool_stack.port, path, ALICE, {**payload, "max_tokens": 2})
+    assert status == 400, answer
+    assert json.loads(answer)["error"]["param"] == "tools"
+    assert tool_stack.backend.proc.alive()
+    # A real tool still reaches llama-server's tool-call grammar.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": schema}}]
+    real = {"messages": CHAT_MESSAGES, "tools": tools, "max_tokens": 16}
+    status, _, answer = post(tool_stack.port, "/v1/chat/completions", ALICE, real)
+    assert status == 200, answer
