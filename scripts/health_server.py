@@ -40,7 +40,10 @@ from gguf_gateway.config import Config, ConfigError
 from gguf_gateway.readiness import PROBE_STATUS
 
 REQUEST_DEADLINE = 2.0  # seconds from accept to a complete request head
-LINGER_SECONDS = 1.0  # after the answer: what the client still sends is read and dropped
+# After the answer, what the client still sends is read and dropped for this long. Equal to
+# REQUEST_DEADLINE, so the open connections stay in deadline order (the expiry sweep and
+# the eviction of the oldest rely on it).
+LINGER_SECONDS = REQUEST_DEADLINE
 MAX_HEAD = 8192
 MAX_CONNECTIONS = 4096
 BACKLOG = 1024

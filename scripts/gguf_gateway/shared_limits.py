@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ PREFIX = "llama-gguf-inference:"
 MAX_BULK = 1 << 20
 MAX_ITEMS = 1024
 MAX_DEPTH = 4
+_RESP_INT = re.compile(rb"-?[0-9]{1,19}")
 
 # KEYS[1] times; ARGV now_ms, limit, member. -> {0, count} taken, or {wait_ms, count}.
 RATE = """
@@ -150,7 +152,7 @@ async def _reply(reader: asyncio.StreamReader, depth: int = 0) -> object:
 
 
 def _integer(raw: bytes) -> int:
-    if not raw or not raw.lstrip(b"-").isdigit() or len(raw) > 20:
+    if _RESP_INT.fullmatch(raw) is None:
         raise RedisProtocolError(f"not a RESP integer: {raw[:20]!r}")
     return int(raw)
 
