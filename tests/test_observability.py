@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -63,14 +65,20 @@ def test_token_metrics_equal_the_usage_llama_server_reported(gateway: GatewayHan
 
 def test_metrics_include_llama_server_series_and_sane_buckets(gateway: GatewayHandle) -> None:
     http_get(gateway.port, "/v1/models", {"Authorization": f"Bearer {ALICE}"})
-    _, body = http_get(gateway.port, "/metrics")
-    text = body.decode()
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    # As llama-server's own /metrics answer says when its counters started.
+    assert abs(int(response.getheader("Process-Start-Time-Unix") or 0) - time.time()) < 86400
     assert "llamacpp:" in text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    # llama-server's own series, each sample labelled with the backend it came from.
+    # llama-server's own series, as it writes them (one backend: no label added).
     prompt = families["llamacpp:prompt_tokens"]
     assert prompt.type == "counter" and prompt.samples
-    assert all(s.labels == {"backend": "0"} for s in prompt.samples)
+    assert all(s.labels == {} for s in prompt.samples)
+    assert "llamacpp:prompt_tokens_total " in text
     ttfb = {s.labels.get("le") for s in families["gateway_time_to_first_byte_seconds"].samples}
     duration = {s.labels.get("le") for s in families["gateway_request_duration_seconds"].samples}
     assert {"0.005", "1.0", "60.0", "600.0", "+Inf"} <= ttfb

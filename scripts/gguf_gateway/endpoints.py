@@ -47,6 +47,7 @@ class LocalEndpoints:
         self._backend_metrics_at = -BACKEND_METRICS_TTL
         self._backend_metrics_text = ""
         self._backend_fetch: asyncio.Future[None] | None = None
+        self._started_unix = str(int(time.time()))
 
     def probe(self, out: Responder, head: RequestHead) -> bool:
         """The platform probe contract, in single-port mode: 204 starting, 200, 503."""
@@ -87,10 +88,13 @@ class LocalEndpoints:
             content_type="text/plain; version=0.0.4; charset=utf-8",
             keep_alive=keep,
             head_only=head_only,
+            # As llama-server's /metrics: when the counters started (the supervisor starts
+            # the gateway and llama-server together).
+            extra=[("Process-Start-Time-Unix", self._started_unix)],
         )
 
     async def backend_metrics(self) -> str:
-        """llama-server's own llamacpp:* series, each backend's labelled with its index.
+        """llama-server's own llamacpp:* series (several backends: labelled with the index).
 
         Fetched at most every BACKEND_METRICS_TTL seconds, all backends at once. A scrape
         waits at most BACKEND_METRICS_WAIT for a fetch in progress, then answers with the
@@ -110,7 +114,8 @@ class LocalEndpoints:
             texts = await asyncio.gather(
                 *(self._one_backend_metrics(b) for b in self.readiness.backends)
             )
-            self._backend_metrics_text = merge_backend_series([t for t in texts if t])
+            labelled = len(self.readiness.backends) > 1
+            self._backend_metrics_text = merge_backend_series([t for t in texts if t], labelled)
         finally:
             self._backend_fetch = None
 

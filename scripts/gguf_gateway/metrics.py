@@ -149,14 +149,17 @@ class Metrics:
         }
 
 
-def merge_backend_series(texts: list[tuple[int, str]]) -> str:
+def merge_backend_series(texts: list[tuple[int, str]], labelled: bool) -> str:
     """llama-server's ``llamacpp:*`` series from each backend, as one exposition.
 
-    ``texts`` holds (backend index, its /metrics text). Every sample gets a
-    ``backend="<index>"`` label, so several llama-servers never collide and
-    ``sum by (__name__)`` gives the whole; each family's HELP and TYPE appear once,
-    followed by all its samples (Prometheus requires a family's samples together).
-    Anything that is not a ``llamacpp:`` family is left out.
+    ``texts`` holds (backend index, its /metrics text). With one llama-server
+    (``labelled`` false) its series are passed on exactly as it writes them, so whatever
+    reads llama-server's own /metrics reads the gateway's the same way. With several,
+    every sample gets a ``backend="<index>"`` label, so they never collide and ``sum``
+    gives the whole (a ratio such as ``kv_cache_usage_ratio`` is per backend: summing
+    several would mean nothing). Each family's HELP and TYPE appear once, followed by all
+    its samples (Prometheus requires a family's samples together). Anything that is not
+    a ``llamacpp:`` family is left out.
     """
     families: dict[str, tuple[list[str], list[str]]] = {}
     for index, text in texts:
@@ -178,7 +181,9 @@ def merge_backend_series(texts: list[tuple[int, str]]) -> str:
             if name_end < 0:
                 continue
             name, rest = line[:name_end], line[name_end:]
-            if rest.startswith("{"):
+            if not labelled:
+                pass
+            elif rest.startswith("{"):
                 rest = "{" + label + ("," if not rest.startswith("{}") else "") + rest[1:]
             else:
                 rest = "{" + label + "}" + rest

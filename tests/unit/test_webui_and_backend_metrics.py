@@ -92,7 +92,7 @@ llamacpp:requests_processing 0
 
 
 def test_backend_series_are_labelled_and_each_family_appears_once() -> None:
-    text = merge_backend_series([(0, BACKEND_0), (1, BACKEND_1)])
+    text = merge_backend_series([(0, BACKEND_0), (1, BACKEND_1)], labelled=True)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     prompt = families["llamacpp:prompt_tokens"]
     assert prompt.type == "counter"
@@ -103,6 +103,11 @@ def test_backend_series_are_labelled_and_each_family_appears_once() -> None:
     assert text.count("# TYPE llamacpp:requests_processing gauge") == 1
 
 
+def test_one_backends_series_pass_as_llama_server_writes_them() -> None:
+    text = merge_backend_series([(0, BACKEND_0)], labelled=False)
+    assert text == BACKEND_0.split("# HELP other_series")[0]
+
+
 def test_no_backend_series_gives_nothing() -> None:
-    assert merge_backend_series([]) == ""
-    assert merge_backend_series([(0, "# HELP x y\n# TYPE x gauge\nx 1\n")]) == ""
+    assert merge_backend_series([], labelled=True) == ""
+    assert merge_backend_series([(0, "# HELP x y\n# TYPE x gauge\nx 1\n")], labelled=False) == ""
