@@ -152,10 +152,12 @@ def choices(payload: dict[str, Any]) -> int:
 
 
 def check_rerank(payload: dict[str, Any]) -> None:
-    """``top_n`` below 0 makes llama-server resize its results to a wrapped-around size."""
+    """``top_n`` is read as a C int: a negative one (or one that wraps to negative past
+    2**31) makes llama-server resize its results to 2**64 - 1 and fail with a 500."""
     top_n = payload.get("top_n")
-    if isinstance(top_n, (int, float)) and not isinstance(top_n, bool) and top_n <= -1:
-        raise bad_request("'top_n' must be 0 or more", param="top_n")
+    if isinstance(top_n, (int, float)) and not isinstance(top_n, bool):
+        if not -1 < top_n < 2**31:
+            raise bad_request(f"'top_n' must be between 0 and {2**31 - 1}", param="top_n")
 
 
 def plan(path: str, payload: object, body_bytes: int, slot_ctx: int) -> Plan:

@@ -141,6 +141,7 @@ def test_plan_follows_aliases_and_replacements(
         ("/v1/responses", {"max_output_tokens": -5}, "max_output_tokens"),
         (CHAT, {"n_predict": -100}, "n_predict"),
         ("/v1/rerank", {"documents": ["a"], "top_n": -1}, "top_n"),
+        ("/v1/rerank", {"documents": ["a"], "top_n": 2**32 - 1}, "top_n"),
     ],
 )
 def test_values_llama_server_cannot_take_are_refused(
