@@ -9,9 +9,9 @@ own cache layout under DATA_DIR::
     models--owner--repo/refs/<revision>           the commit the revision pointed to
 
 so every later start (also one while the Hub is unreachable) finds them, and so does any
-Hub-aware tool. A model RunPod already cached on the host is used in place. A cut
-download resumes with an HTTP Range request; every blob is checked against the SHA-256
-the Hub lists for it before it is used.
+Hub-aware tool. A model RunPod already cached on the host is used in place. The bytes
+come in parallel Range parts that survive a kill, hashed as they arrive (download.py); every
+blob is checked against the SHA-256 the Hub lists for it before it is used.
 
 The Hub calls are the ones llama.cpp's own ``-hf`` makes (see the README of its server):
 ``api/models/<repo>/revision/<rev>`` for the commit and file list, ``api/models/<repo>/
@@ -29,11 +29,9 @@ MODEL_REVISION is honoured: only that revision's snapshot is ever used, online o
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
-import time
 import unicodedata
 import urllib.error
 import urllib.parse
@@ -42,14 +40,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import download
+from .download import Source, Target, carries_token
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # llama.cpp's -hf picks this quant when none is named, if the repo has it.
 DEFAULT_QUANT = "Q4_K_M"
 # Where RunPod places the repos an endpoint asks it to cache (on the host, read-only).
 RUNPOD_CACHE = Path("/runpod-volume/huggingface-cache/hub")
-PROGRESS_SECONDS = 5.0
-RETRIES = 5
-CHUNK = 1024 * 1024
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
@@ -204,23 +202,34 @@ class HubFile:
 
 
 class _SameHostAuth(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, but never carry the token to another host (the Hub's CDN)."""
+    """Follow redirects, but carry the token only to the endpoint's own origin: not to the
+    Hub's CDN, and never from https down to http."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None:
-            old_host = urllib.parse.urlsplit(req.full_url).netloc
-            if urllib.parse.urlsplit(newurl).netloc != old_host:
-                new.remove_header("Authorization")
+        if new is not None and not carries_token(self.endpoint, newurl):
+            new.remove_header("Authorization")
         return new
 
 
 class Hub:
-    def __init__(self, endpoint: str, token: str, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        token: str,
+        log: Callable[[str], None],
+        settings: download.Settings | None = None,
+        publish: Callable[[dict[str, object]], None] | None = None,
+    ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.token = token
         self.log = log
-        self.opener = urllib.request.build_opener(_SameHostAuth())
+        self.settings = settings or download.Settings()
+        self.publish = publish
+        self.opener = urllib.request.build_opener(_SameHostAuth(self.endpoint))
 
     def _open(self, path: str, headers: dict[str, str] | None = None) -> object:
         request = urllib.request.Request(self.endpoint + path, headers=headers or {})
@@ -301,127 +310,36 @@ class Hub:
             "nothing was written (is HF_ENDPOINT the Hugging Face Hub or a faithful mirror?)"
         )
 
-    def download(self, file: HubFile, target: Path) -> None:
-        """Fetch one file into ``target`` (resuming ``target.incomplete``), with progress."""
-        path, size = file.path, file.size
-        partial = target.with_name(target.name + ".incomplete")
-        have = partial.stat().st_size if partial.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+    def download(self, file: HubFile, blob: Path) -> None:
+        """Fetch one file into ``blob``: parallel parts, resumed, checked (see download.py)."""
+        source = Source(self.endpoint + file.url, self.endpoint, self.token)
+        target = Target(blob, file.size, file.sha256, file.commit)
+        path, repo = file.path, file.ref.repo
         try:
-            response = self._open(file.url, headers)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and have:
-                partial.unlink()  # our partial file is not a prefix of theirs: start over
-                return self.download(file, target)
-            if exc.code == 404:
+            download.download(source, target, self.settings, self.log, self.publish, path)
+        except download.Refused as exc:
+            if exc.status == 404:
                 # The repo was listed a moment ago: it is this file that is missing (a
                 # shard the first one's name counts but the repo does not have).
                 raise HubError(
-                    f"{path} is not in MODEL_REPO={file.ref.repo} at commit {file.commit[:12]}: "
+                    f"{path} is not in MODEL_REPO={repo} at commit {file.commit[:12]}: "
                     "the model's files there are incomplete"
                 ) from None
-            raise self._refused(exc.code, file.ref) from None
-        with response as stream:  # type: ignore[attr-defined]
-            if have and getattr(stream, "status", 200) != 206:
-                have = 0  # the server ignored the Range: take the whole file again
-            if have:
-                self.log(f"resuming {path} at {have / 1e6:.1f} MB")
-            progress = Progress(path, size, have, self.log)
-            with open(partial, "ab" if have else "wb") as out:
-                while True:
-                    try:
-                        block = stream.read(CHUNK)
-                    except (OSError, http.client.HTTPException) as exc:
-                        raise HubUnreachable(f"download of {path} was cut: {exc}") from None
-                    if not block:
-                        break
-                    out.write(block)
-                    progress.advance(len(block))
-        got = partial.stat().st_size
-        if size and got != size:
-            raise HubUnreachable(f"download of {path} was cut at {got} of {size} bytes")
-        partial.rename(target)
-
-
-class Progress:
-    """Progress lines for the log (and a JSON file for /health), at most every few seconds."""
-
-    state_file: Path | None = None
-
-    def __init__(self, path: str, size: int, done: int, log: Callable[[str], None]) -> None:
-        self.path, self.size, self.done, self.log = path, size, done, log
-        self.started = self.last = time.monotonic()
-        self.start_bytes = done
-        self.publish()
-
-    def advance(self, count: int) -> None:
-        self.done += count
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_SECONDS or (self.size and self.done >= self.size):
-            self.last = now
-            rate = (self.done - self.start_bytes) / max(now - self.started, 1e-6) / 1e6
-            share = f"{100 * self.done / self.size:.1f}%" if self.size else "?%"
-            self.log(
-                f"downloading {self.path}: {share} ({self.done / 1e6:.1f} of "
-                f"{self.size / 1e6:.1f} MB) at {rate:.1f} MB/s"
-            )
-            self.publish(rate)
-
-    def publish(self, rate: float = 0.0) -> None:
-        if Progress.state_file is None:
-            return
-        data = {
-            "file": self.path,
-            "bytes_done": self.done,
-            "bytes_total": self.size,
-            "percent": round(100 * self.done / self.size, 1) if self.size else None,
-            "mb_per_s": round(rate, 1),
-        }
-        tmp = Progress.state_file.with_name(Progress.state_file.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, Progress.state_file)
-        except OSError:
-            pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _download_with_retries(hub: Hub, file: HubFile, blob: Path) -> None:
-    """A cut transfer is resumed where it stopped (Range), a few times before giving up."""
-    path = file.path
-    for attempt in range(1, RETRIES + 1):
-        try:
-            hub.download(file, blob)
-            return
-        except HubUnreachable as exc:
-            if attempt == RETRIES:
-                raise HubError(
-                    f"could not download {path} from {hub.endpoint} after {RETRIES} tries "
-                    f"({exc}); the part already fetched is kept and resumed at the next start"
-                ) from None
-            hub.log(f"{exc}: retrying in {attempt * 2}s")
-            time.sleep(attempt * 2)
-
-
-def _download_checked(hub: Hub, file: HubFile, blob: Path) -> None:
-    """Download and check against the Hub's SHA-256; a bad copy is fetched again once."""
-    for attempt in (1, 2):
-        _download_with_retries(hub, file, blob)
-        if file.sha256 is None or _sha256(blob) == file.sha256:
-            return
-        blob.unlink()
-        if attempt == 1:
-            hub.log(f"{file.path} does not match the SHA-256 the Hub lists: fetching it again")
-    raise HubError(
-        f"{file.path} from {file.ref.repo} does not match the SHA-256 the Hub lists for it"
-    )
+            raise self._refused(exc.status, file.ref) from None
+        except download.SizeMismatch as exc:
+            raise HubError(
+                f"{path} from {self.endpoint} is not the file the Hub lists ({exc}): "
+                "stopped at the listed size; check HF_ENDPOINT"
+            ) from None
+        except download.DigestMismatch:
+            raise HubError(
+                f"{path} from {repo} does not match the SHA-256 the Hub lists for it"
+            ) from None
+        except download.TransferFailed as exc:
+            raise HubError(
+                f"could not download {path} from {self.endpoint} ({exc}); the parts already "
+                "fetched are kept and resumed at the next start"
+            ) from None
 
 
 def fetch(ref: ModelRef, cache: Path, hub: Hub, runpod_caches: list[Path]) -> Path:
@@ -460,7 +378,7 @@ def fetch(ref: ModelRef, cache: Path, hub: Hub, runpod_caches: list[Path]) -> Pa
         link = snapshot / path
         if not blob.is_file():
             blob.parent.mkdir(parents=True, exist_ok=True)
-            _download_checked(hub, file, blob)
+            hub.download(file, blob)
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.unlink(missing_ok=True)
