@@ -31,6 +31,8 @@ GPUS=() # the GPUs the backends are spread over (auto or several backends)
 GATEWAY_PID=""
 RUN_DIR=""
 STATE_FILE=""
+STARTUP_FILE=""
+BOOT_TIME=""
 
 log() { printf '%s [supervisor] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
 err() { log "ERROR: $*"; }
@@ -391,8 +393,10 @@ resolve_model() {
 # fetch_hub_model: MODEL_REPO onto the volume (or found there), while probes say 204 and
 # the log and /health show progress. Run in the background so SIGTERM still drains.
 fetch_hub_model() {
-  local out="$RUN_DIR/model.path" status
+  local out="$RUN_DIR/model.path" status began
   set_state downloading
+  began="$(now_epoch)"
+  mark_startup download_start "$began"
   GATEWAY_DOWNLOAD_FILE="$RUN_DIR/download.json" python3 "$SCRIPT_DIR/fetch_model.py" >"$out" &
   FETCH_PID=$!
   while true; do
@@ -406,6 +410,8 @@ fetch_hub_model() {
     child_died "$FETCH_PID" "$status"
   fi
   FETCH_PID=""
+  mark_startup download_end
+  log "model fetched in $(awk -v a="$began" -v b="$(now_epoch)" 'BEGIN { printf "%.1f", b - a }')s"
   MODEL_MODE="single"
   MODEL_FILE="$(<"$out")"
   set_state starting
@@ -513,6 +519,16 @@ generate_backend_key() {
 set_state() {
   [[ -n "$STATE_FILE" ]] || return 0
   printf '%s\n' "$1" >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
+}
+
+# now_epoch: wall-clock seconds with microseconds ('.' whatever the locale says).
+now_epoch() { echo "${EPOCHREALTIME/,/.}"; }
+
+# mark_startup EVENT [EPOCH]: one line of the cold-start timeline the gateway reads
+# (gguf_gateway/startup.py): where the time from boot to ready went.
+mark_startup() {
+  [[ -n "$STARTUP_FILE" ]] || return 0
+  printf '%s=%s\n' "$1" "${2:-$(now_epoch)}" >>"$STARTUP_FILE"
 }
 
 # ---------------------------------------------------------------- diagnostics
@@ -696,6 +712,7 @@ supervise() {
 }
 
 main() {
+  BOOT_TIME="$(now_epoch)"
   export HOST="${HOST:-0.0.0.0}" PORT="${PORT:-8000}"
   export PORT_BACKEND="${PORT_BACKEND:-8090}" DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-8}"
   validate_settings
@@ -718,6 +735,8 @@ main() {
   RUN_DIR="$(make_run_dir)"
   chmod 700 "$RUN_DIR"
   STATE_FILE="$RUN_DIR/state"
+  STARTUP_FILE="$RUN_DIR/startup"
+  mark_startup boot "$BOOT_TIME"
   key_file="$RUN_DIR/backend.key"
   set_state starting
   trap drain TERM INT
@@ -737,7 +756,8 @@ main() {
   (
     unset HF_TOKEN
     BACKEND_API_KEY="$(<"$key_file")" GATEWAY_STATE_FILE="$STATE_FILE" \
-      GATEWAY_DOWNLOAD_FILE="$RUN_DIR/download.json" exec python3 "$SCRIPT_DIR/gateway.py"
+      GATEWAY_DOWNLOAD_FILE="$RUN_DIR/download.json" GATEWAY_STARTUP_FILE="$STARTUP_FILE" \
+      exec python3 "$SCRIPT_DIR/gateway.py"
   ) &
   GATEWAY_PID=$!
 
@@ -748,6 +768,7 @@ main() {
   # llama-server never sees the Hub token: the model is on the volume by now.
   unset HF_TOKEN
 
+  mark_startup load_start
   start_llama_servers "$bin" "$key_file"
 
   supervise

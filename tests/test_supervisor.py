@@ -390,18 +390,34 @@ def test_a_model_from_the_hub_is_fetched_once_then_served_offline(
         {"owner/tiny-GGUF": HubRepo({"tiny-Q8_0.gguf": model_file.read_bytes()}, gated=True)},
         token=token,
         pace=0.3,  # a download slow enough to watch
+        first_byte_delay=1.0,
     ).start()
     data = tmp_path / "hubdata"
     data.mkdir()
     (data / "api_keys.txt").write_text(f"tester:{KEY}\n")
     env = {"MODEL_REPO": "owner/tiny-GGUF:Q8_0", "HF_ENDPOINT": hub.url, "HF_TOKEN": token}
+    # Small parts, so the tiny model takes the parallel path a large one takes.
+    parallel = {"GATEWAY_DOWNLOAD_PART_BYTES": "65536", "DOWNLOAD_CONNECTIONS": "4"}
     try:
-        stack = start_stack(stacks, data, tmp_path, **env)
+        stack = start_stack(stacks, data, tmp_path, **env, **parallel)
         wait_until(lambda: health_of(stack).get("status") == "downloading", 20, "downloading")
         assert stack.health_status() == 204
-        assert "percent" in health_of(stack)["download"]
+        health = health_of(stack)
+        assert "percent" in health["download"] and "connections" in health["download"]
+        assert health["startup"]["phase"] == "downloading"
         assert not processes_mentioning(token)
         wait_until(lambda: stack.health_status() == 200, 60, "health 200")
+        size = model_file.stat().st_size
+        assert hub.max_active > 1 and len(hub.transfers) == -(-size // 65536)
+        assert all(h.get("Range") for _, p, h in hub.requests if "/resolve/" in p)
+        timeline = health_of(stack)["startup"]
+        assert timeline["phase"] == "ready"
+        assert timeline["download_seconds"] >= 1.0  # the stand-in waits 1 s before each part
+        assert timeline["load_seconds"] is not None
+        assert timeline["ready_seconds"] >= timeline["download_seconds"] + timeline["load_seconds"]
+        _, metrics = http_get(stack.port, "/metrics", timeout=5)
+        for phase in ("download", "load", "ready"):
+            assert f'gateway_startup_seconds{{phase="{phase}"}}' in metrics.decode()
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{stack.port}/v1", api_key=KEY, max_retries=0
         )
@@ -409,7 +425,9 @@ def test_a_model_from_the_hub_is_fetched_once_then_served_offline(
         assert not processes_mentioning(token)
         stack.proc.signal(signal.SIGTERM)
         assert stack.proc.wait(20) == 0
-        assert token not in stack.proc.log() and "MB/s" in stack.proc.log()
+        log = stack.proc.log()
+        assert token not in log and "MB/s" in log and "connection(s)" in log
+        assert "startup: download" in log and "model fetched in" in log
     finally:
         hub.stop()
     # The Hub is gone now: the next start serves from the volume.

@@ -207,6 +207,7 @@ class Config:
     event_loop: str = "auto"
     state_file: Path | None = None
     download_file: Path | None = None
+    startup_file: Path | None = None
     log_dir: Path = Path("/data/logs")
     worker_id: str = ""
     platform: str = "local"
@@ -266,6 +267,9 @@ class Config:
             state_file=Path(state_file) if state_file else None,
             download_file=(
                 Path(download) if (download := env.get("GATEWAY_DOWNLOAD_FILE")) else None
+            ),
+            startup_file=(
+                Path(timeline) if (timeline := env.get("GATEWAY_STARTUP_FILE")) else None
             ),
             data_dir=data_dir,
             log_dir=Path(env.get("LOG_DIR", "").strip() or data_dir / "logs"),

@@ -21,6 +21,7 @@ from .http11 import RequestHead
 from .limits import Admission
 from .metrics import Metrics, merge_backend_series
 from .readiness import FAILED, PROBE_STATUS, READY, Readiness
+from .startup import finished
 from .responses import Responder
 from .routes import Route
 from .shared_limits import SharedLimits
@@ -74,6 +75,7 @@ class LocalEndpoints:
             status = 200 if self.readiness.ready else 503
             return out.send(status, body, keep_alive=keep, head_only=head_only)
         self.metrics.backend_up = 1 if self.readiness.backend == READY else 0
+        self.metrics.startup = finished(self.readiness.startup_events(), self.readiness.ready_at)
         self.metrics.backend_requests = {b.index: b.served for b in self.readiness.backends}
         shared = self.limiter()
         self.metrics.limiter_up = 1 if shared is not None and shared.up else 0
@@ -161,6 +163,7 @@ class LocalEndpoints:
                 for b in r.backends
             ],
         }
+        health["startup"] = r.startup()
         download = r.download()
         if download is not None:
             health["download"] = download

@@ -67,6 +67,7 @@ class Metrics:
         self.backend_up = 0
         self.backend_requests: dict[int, int] = {}  # backend index -> requests routed there
         self.limiter_up = 0
+        self.startup: dict[str, float] = {}  # phase -> seconds, once the phase is over
         self.duration = Histogram(DURATION_BUCKETS)
         self.ttfb = Histogram(TTFB_BUCKETS)
 
@@ -124,6 +125,13 @@ class Metrics:
             "1 when REDIS_URL is set and Redis answers (limits shared by every replica).",
         )
         out.append(f"gateway_limiter_up {self.limiter_up}")
+        family(
+            "gateway_startup_seconds",
+            "gauge",
+            "Cold start: seconds downloading the model, loading it, and from boot until ready.",
+        )
+        for phase, seconds in self.startup.items():
+            out.append(f'gateway_startup_seconds{{phase="{phase}"}} {seconds}')
         text = "\n".join(out) + "\n"
         return text + extra
 
@@ -146,6 +154,7 @@ class Metrics:
             "backend_up": self.backend_up,
             "backend_requests_total": {str(i): n for i, n in sorted(self.backend_requests.items())},
             "limiter_up": self.limiter_up,
+            "startup_seconds": dict(self.startup),
         }
 
 

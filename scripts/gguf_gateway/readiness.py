@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from . import startup
 from .backend import BackendUnavailable, simple_get
 from .backends import Backend, BackendSet
 
@@ -61,12 +62,17 @@ class Readiness:
         api_key: str,
         state_file: Path | None,
         download_file: Path | None = None,
+        startup_file: Path | None = None,
     ) -> None:
         self.backends = backends
         self.host = host
         self.api_key = api_key
         self.state_file = state_file
         self.download_file = download_file
+        self.startup_file = startup_file
+        # Wall-clock (the supervisor's timeline is in epoch seconds): the first READY.
+        self.ready_at: float | None = None
+        self.booted_at = time.time()
         self.backend = STARTING  # all backends together: starting | loading | ready | down
         self.draining = False
         self.ever_ready = False
@@ -114,6 +120,18 @@ class Readiness:
             return None
         return progress if isinstance(progress, dict) else None
 
+    def startup_events(self) -> dict[str, float]:
+        """The supervisor's timeline; run on its own, the gateway's start is boot and load."""
+        if self.startup_file is None:
+            return {"boot": self.booted_at, "load_start": self.booted_at}
+        try:
+            return startup.parse(self.startup_file.read_text())
+        except (OSError, UnicodeDecodeError):
+            return {}
+
+    def startup(self) -> dict[str, object]:
+        return startup.timeline(self.startup_events(), self.ready_at, time.time())
+
     def backend_failed(self, backend: Backend) -> None:
         """A request could not reach ``backend``: re-check it now."""
         if backend.state == READY:
@@ -138,8 +156,14 @@ class Readiness:
         if combined == self.backend:
             return
         previous, self.backend = self.backend, combined
-        if combined == READY:
+        if combined == READY and not self.ever_ready:
             self.ever_ready = True
+            self.ready_at = time.time()
+            spans = startup.finished(self.startup_events(), self.ready_at)
+            log.info(
+                "startup: %s",
+                ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in spans.items()),
+            )
         log.info("backend %s -> %s", previous, combined)
         if not self.draining:
             publish_state(self.state_file, self.status)

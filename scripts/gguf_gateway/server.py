@@ -65,6 +65,7 @@ class Gateway:
             config.backend_api_key,
             config.state_file,
             config.download_file,
+            config.startup_file,
         )
         self.admission = AdmissionSource(config, self.readiness)
         self.endpoints = LocalEndpoints(

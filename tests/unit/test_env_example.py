@@ -16,7 +16,7 @@ SH_READS = [
     re.compile(r"\b(?:require_uint|check_port|for name in)\s+([A-Z][A-Z0-9_]+)"),
 ]
 # Standard process environment, not configuration.
-NOT_CONFIG = {"PATH", "HOME", "PWD", "PYTHONPATH", "SECONDS", "BASH_SOURCE"}
+NOT_CONFIG = {"PATH", "HOME", "PWD", "PYTHONPATH", "SECONDS", "EPOCHREALTIME", "BASH_SOURCE"}
 # llama-server's own settings, which reach it unchanged: an empty one in an env file would
 # reach it too, so the example names them in comments only.
 LLAMA_SERVER_OWN = {"LLAMA_ARG_THREADS"}
