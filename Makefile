@@ -12,10 +12,10 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run .ci/image-smoke
 
-.PHONY: help setup run unit test check fmt bench soak compat clean
+.PHONY: help setup run unit test check fmt bench bench-download soak compat clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## fresh machine -> .venv/ with dev tools and a working .venv/bin/llama-server
 
@@ -64,6 +64,9 @@ bench: setup ## gateway vs llama-server direct and nginx; prints one JSON object
 		apt-get install -y -qq nginx-light >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }; fi
 	@$(PY) tests/bench.py
+
+bench-download: $(DEV_STAMP) ## a cold 1 GiB download: ours (1 and 8 connections) vs hf_transfer and huggingface_hub; one JSON object
+	@$(PY) tests/bench_download.py --faults
 
 soak: setup ## the mixed-load soak for SOAK_SECONDS (default 300) instead of seconds
 	SOAK_SECONDS=$${SOAK_SECONDS:-300} $(PY) -m pytest tests/test_hardening.py -k soak

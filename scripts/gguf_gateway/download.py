@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 1024 * 1024
-# Parts of 16 MiB: a file under two parts (32 MiB) takes one stream.
-PART_BYTES = 16 * MiB
+# Parts of 4 MiB: the unit of resuming, hashing and handing work out; a kill loses at most
+# one part per connection (32 MiB at 8). A file under 8 parts (32 MiB) takes one stream.
+PART_BYTES = 4 * MiB
+SINGLE_STREAM_PARTS = 8
 DEFAULT_CONNECTIONS = 8
 MAX_CONNECTIONS = 64
 # A part that sends nothing for this long is cut and asked for again.
@@ -45,6 +47,8 @@ STALL_SECONDS = 20.0
 # The transfer fails when no byte at all arrived for this many stall periods (its deadline:
 # a large model on a slow link legitimately takes long, a dead one makes no progress).
 GIVE_UP_FACTOR = 6
+# One request carries at most this many parts (see Transfer._span).
+MAX_SPAN_PARTS = 64
 # A part in flight at under 1/SLOW_FACTOR of the others' median rate is fetched again.
 SLOW_FACTOR = 4.0
 PROGRESS_SECONDS = 5.0
@@ -311,6 +315,7 @@ class Job:
     start: int
     end: int  # exclusive
     pos: int = 0
+    asked: int = 0  # the end the request asked for (a takeover may move ``end`` back)
     began: float = 0.0
     last_byte: float = 0.0
     copy: bool = False  # a second copy of a slow part
@@ -344,7 +349,11 @@ class Transfer:
         self.name = name or target.path.name
         self.location: str | None = None  # the resolve URL after its redirects
         self.lock = threading.Condition()
+        # Jobs to run first (one-stream runs, continuations after a cut, second copies),
+        # then parts not handed out yet, taken a span at a time.
         self.queue: collections.deque[Job] = collections.deque()
+        self.pending: collections.deque[int] = collections.deque()
+        self.connections = 1
         self.running: list[Job] = []
         self.rates: list[float] = []  # bytes/s of finished jobs
         self.error: BaseException | None = None
@@ -388,7 +397,7 @@ class Transfer:
                     f"resuming {self.name}: {len(part.done)} of {part.count} parts "
                     f"({self.report.bytes_resumed / 1e6:.1f} MB) already here"
                 )
-            single = self.target.size < 2 * self.settings.part_bytes
+            single = self.target.size < SINGLE_STREAM_PARTS * self.settings.part_bytes
             now = time.monotonic()
             self._progress(now, collections.deque([(now, 0)]), 0, quiet=True)
             while True:
@@ -422,6 +431,8 @@ class Transfer:
         assert part is not None
         missing = [i for i in range(part.count) if i not in part.done]
         self.queue.clear()
+        self.pending.clear()
+        self.connections = connections
         if connections == 1 or not self.ranged:
             # One stream: one request for each run of missing parts (all of them, without
             # Range support), each part recorded as the stream passes its end.
@@ -435,8 +446,8 @@ class Transfer:
                 start = 0 if not self.ranged else part.bounds(run[0])[0]
                 self.queue.append(Job(start, part.bounds(run[-1])[1]))
         else:
-            self.queue.extend(Job(*part.bounds(i)) for i in missing)
-        connections = max(1, min(connections, len(self.queue)))
+            self.pending.extend(missing)
+        connections = max(1, min(connections, len(self.queue) + len(self.pending)))
         self.report.connections = max(self.report.connections, connections)
         self.stopping = False
         self.error = None
@@ -539,8 +550,14 @@ class Transfer:
             )
 
     def _copy_slow(self, now: float) -> None:
-        """Nothing left to hand out and a connection idle: copy a part far behind the rest."""
-        if self.queue or len(self.running) >= self.report.connections or not self.ranged:
+        """Nothing left to hand out and a connection idle: help a job far behind the rest.
+
+        Its whole parts after the one it is writing go to the idle connection (it stops at
+        that part's end); with none left, its remainder is fetched a second time.
+        """
+        if self.queue or self.pending or not self.ranged:
+            return
+        if len(self.running) >= self.report.connections:
             return
         rates = list(self.rates[-32:])
         for job in self.running:
@@ -554,9 +571,15 @@ class Transfer:
             rate = (job.pos - job.start) / age if age > 0 else 0.0
             if job.copied or job.copy or job.cut or age < 1.0 or rate * SLOW_FACTOR >= typical:
                 continue
-            job.copied = True
             self.report.reissued += 1
-            self.queue.append(Job(job.pos, job.end, copy=True))
+            size = self.settings.part_bytes
+            after = (job.pos // size + 1) * size  # the end of the part it is writing
+            if after < job.end:
+                self.queue.append(Job(after, job.end))
+                job.end = after
+            else:
+                job.copied = True
+                self.queue.append(Job(job.pos, job.end, copy=True))
             self.lock.notify_all()
             return
 
@@ -573,15 +596,33 @@ class Transfer:
             except OSError:
                 pass
 
+    def _span(self) -> Job:
+        """The next parts not handed out, as one request (called with the lock held).
+
+        Guided: a share of what is left (half of it spread over the connections), so the
+        first requests are long (few waits for a first byte) and the last ones a part each
+        (no connection left with a long tail while the others idle).
+        """
+        part = self.part
+        assert part is not None
+        count = max(1, min(MAX_SPAN_PARTS, len(self.pending) // (2 * self.connections)))
+        first = last = self.pending.popleft()
+        while count > 1 and self.pending and self.pending[0] == last + 1:
+            last = self.pending.popleft()
+            count -= 1
+        return Job(part.bounds(first)[0], part.bounds(last)[1])
+
     def _take(self) -> Job | None:
         with self.lock:
-            while not self.queue and not self.stopping and self.error is None:
-                if self._complete() or (not self.running and not self.queue):
+            while not (self.queue or self.pending) and not self.stopping and self.error is None:
+                if self._complete() or not self.running:
                     return None
                 self.lock.wait(0.5)
-            if self.stopping or self.error is not None or not self.queue:
+            if self.stopping or self.error is not None:
                 return None
-            job = self.queue.popleft()
+            if not (self.queue or self.pending):
+                return None
+            job = self.queue.popleft() if self.queue else self._span()
             job.began = time.monotonic()
             job.cut = False
             self.running.append(job)
@@ -674,8 +715,9 @@ class Transfer:
                 conn = self._connect(url)
                 setattr(conn, "_gguf_origin", origin(url))
             headers = {"Accept-Encoding": "identity", **self.source.headers(url)}
+            job.asked = job.end
             if self.ranged:
-                headers["Range"] = f"bytes={job.start}-{job.end - 1}"
+                headers["Range"] = f"bytes={job.start}-{job.asked - 1}"
             path = parts.path + ("?" + parts.query if parts.query else "")
             with self.lock:
                 job.conn = conn
@@ -737,8 +779,8 @@ class Transfer:
                 raise TransferFailed(f"a 206 with Content-Range {spec!r}")
             if total != str(size):
                 raise SizeMismatch(f"the server has {total} bytes for a file listed at {size}")
-            if int(first) != job.start or int(last) != job.end - 1:
-                raise TransferFailed(f"asked for bytes {job.start}-{job.end - 1}, got {span}")
+            if int(first) != job.start or int(last) != job.asked - 1:
+                raise TransferFailed(f"asked for bytes {job.start}-{job.asked - 1}, got {span}")
         elif response.length is not None and response.length != size:
             raise SizeMismatch(
                 f"the server sends {response.length} bytes for a file listed at {size}"
@@ -748,13 +790,14 @@ class Transfer:
         part = self.part
         assert part is not None
         fd = part.fd
-        while job.pos < job.end:
+        end = job.end
+        while job.pos < end:
             if job.cut or self.stopping:
                 raise TransferFailed("cut")
             # Never past the range asked for, so never past the listed size. read1, not
             # readinto: what has arrived is written at once, not held until a buffer fills
             # (a part cut or stalled half-way keeps what it got).
-            block = response.read1(min(READ_BYTES, job.end - job.pos))
+            block = response.read1(min(READ_BYTES, end - job.pos))
             got = len(block)
             if not got:
                 raise TransferFailed(f"cut at byte {job.pos} of {job.start}-{job.end - 1}")
@@ -768,6 +811,7 @@ class Transfer:
             before = job.pos
             with self.lock:
                 job.pos += got
+                end = job.end  # another connection may have taken over the rest
                 job.last_byte = self.last_byte = now
                 self.report.bytes_fetched += got
                 first = before // part.part_bytes

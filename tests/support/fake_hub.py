@@ -114,6 +114,7 @@ class FakeHub:
     stall: set[int] = field(default_factory=set)
     drop: set[int] = field(default_factory=set)
     ignore_range: bool = False
+    block: int = BLOCK  # bytes per write (the shaping's grain)
     # https (and plain http on the same port); downgrade: resolve under https redirects to
     # the same URL over http.
     tls: ssl.SSLContext | None = None
@@ -245,6 +246,7 @@ class FakeHub:
                 handler.send_header("Content-Length", "0")
                 handler.end_headers()
                 return
+            handler.commit = repo.commit  # type: ignore[attr-defined]
             return self._send_file(handler, name + "/" + file, repo.files[file], with_body, tls)
         return self._json(handler, 404, {"error": "unknown call"})
 
@@ -318,6 +320,7 @@ class FakeHub:
             time.sleep(self.first_byte_delay)
         handler.send_response(206 if asked else 200)
         handler.send_header("ETag", f'"{_sha256(data)}"')
+        handler.send_header("X-Repo-Commit", getattr(handler, "commit", ""))
         handler.send_header("Accept-Ranges", "none" if self.ignore_range else "bytes")
         handler.send_header("Content-Length", str(end - start))
         if asked:
@@ -341,7 +344,7 @@ class FakeHub:
         try:
             offset = start
             while offset < limit:
-                count = min(BLOCK, limit - offset)
+                count = min(self.block, limit - offset)
                 conn_bucket.take(count)
                 if self._total is not None:
                     self._total.take(count)

@@ -115,7 +115,9 @@ def test_parallel_parts_make_the_file_byte_for_byte(hub: FakeHub, tmp_path: Path
     path = Path(result.stdout.strip())
     assert path.read_bytes() == BIG
     asked = sorted((t.start, t.end) for t in hub.transfers)
-    assert asked == [(i * PART, min((i + 1) * PART, len(BIG))) for i in range(41)]
+    # Requests of whole parts (several at first, one each at the end) tile the file.
+    assert [a for a, _ in asked] == [0] + [b for _, b in asked[:-1]] and asked[-1][1] == len(BIG)
+    assert all(a % PART == 0 for a, _ in asked) and len(asked) < 41
     assert hub.sent() == len(BIG)  # nothing fetched twice
     assert hub.max_active > 1  # the parts really went in parallel
     assert "connection(s)" in result.stderr and "MB/s" in result.stderr
@@ -133,7 +135,7 @@ def test_a_stalled_part_is_asked_for_again_from_where_it_stopped(
     assert len(stalled) == 1
     first = stalled[0]
     again = [t for t in hub.transfers if t.start == first.start + first.sent]
-    assert again and again[0].end == first.end
+    assert again, "nothing asked again from where the stalled part stopped"
     assert "stalled" in result.stderr
     assert hub.sent() == len(BIG)  # the stalled half is all that was asked for again
 
