@@ -234,6 +234,7 @@ class Partial:
             if not self.resumed:
                 os.write(self.side, (json.dumps(self.header) + "\n").encode())
                 os.fsync(self.side)
+                _fsync_dir(self.target.path.parent)  # the new names survive a power cut too
         except OSError as exc:
             self.close()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -407,9 +408,7 @@ class Transfer:
                     )
                     break
                 except _RangesIgnored:
-                    self.log(
-                        f"{self.target.size / 1e6:.0f} MB: the server ignores Range, one stream"
-                    )
+                    self.log(f"{self.name}: the server ignores Range: one stream")
                     self.ranged = False
             part.finish()
         except BaseException:

@@ -233,6 +233,21 @@ def test_a_listing_that_understates_the_size_stops_at_the_listed_size(tmp_path: 
         assert server.sent() < len(huge) // 2  # the transfer was stopped, not drained
 
 
+def test_a_hub_that_stops_sending_ends_the_attempt_keeping_the_parts(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    hub.connection_rate = 1_000_000
+    proc = start_fetch(tmp_path, hub.url)
+    assert kill_after_parts(proc, tmp_path, 4)
+    kept = recorded_parts(tmp_path)
+    hub.first_byte_delay = 3600  # answers nothing from now on
+    result = fetch(tmp_path, hub.url, GATEWAY_DOWNLOAD_STALL_SECONDS="0.5")
+    assert result.returncode == 2, result.stderr
+    assert "no data for 3s on any connection" in result.stderr
+    assert "parts already fetched are kept" in result.stderr
+    assert recorded_parts(tmp_path) == kept
+
+
 def test_download_connections_is_checked(hub: FakeHub, tmp_path: Path) -> None:
     for bad in ("0", "many", "65"):
         result = fetch(tmp_path, hub.url, DOWNLOAD_CONNECTIONS=bad)
