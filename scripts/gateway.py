@@ -25,8 +25,9 @@ log = logging.getLogger("gateway")
 
 NO_KEYS_MESSAGE = (
     "AUTH_ENABLED=true but no API key is configured: create {file} with a line like "
-    "'mykey:sk-...' (python3 scripts/key_mgmt.py generate mykey), or set API_KEY / "
-    "API_KEY_FILE, or set AUTH_ENABLED=false for a private network"
+    "'mykey:sk-...' (python3 scripts/key_mgmt.py generate mykey), or set API_KEYS (key "
+    "lines separated by ';'), API_KEY or API_KEY_FILE, or set AUTH_ENABLED=false for a "
+    "private network"
 )
 
 
@@ -79,6 +80,7 @@ def main(argv: list[str]) -> int:
         config.api_key,
         config.api_key_file,
         log=log.warning,
+        api_keys=config.api_keys,
     )
     problem = key_file_problem(config)
     if problem:

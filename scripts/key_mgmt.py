@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Manage the gateway's API key file: generate, list, revoke, rotate.
+"""Manage the gateway's API key file: generate, list, revoke, rotate, export.
 
 The file is AUTH_KEYS_FILE (default DATA_DIR/api_keys.txt, DATA_DIR detected as the
 gateway does) unless --file is given. Every change rewrites the file atomically (a 0600
@@ -8,9 +8,11 @@ running gateway picks the change up within a second (or on SIGHUP). A new secret
 printed once, to stdout, and nowhere else.
 
     key_mgmt.py generate alice --rpm 60 --tpm 200000 --hashed
+    key_mgmt.py generate tenant --models tiny --monthly-tokens 5000000 --priority 2
     key_mgmt.py list
     key_mgmt.py rotate alice
     key_mgmt.py revoke alice
+    key_mgmt.py export alice tenant    # the lines as one API_KEYS value (';'-separated)
 """
 
 from __future__ import annotations
@@ -74,7 +76,17 @@ def find(lines: list[str], key_id: str) -> int | None:
 
 def fields_of(args: argparse.Namespace) -> list[str]:
     fields = []
-    for name in ("rpm", "tpm", "concurrency", "expires", "scopes"):
+    for name in (
+        "rpm",
+        "tpm",
+        "concurrency",
+        "expires",
+        "scopes",
+        "models",
+        "daily_tokens",
+        "monthly_tokens",
+        "priority",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             fields.append(f"{name}={value}")
@@ -175,6 +187,39 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """The valid key lines (all, or those of the ids named) as one API_KEYS value."""
+    lines = read_lines(args.file)
+    wanted = set(args.key_ids)
+    chosen: list[str] = []
+    for line in lines:
+        key_id = line_key_id(line)
+        if key_id is None or (wanted and key_id not in wanted):
+            continue
+        try:
+            parse_key_line(line.strip())
+        except ValueError:
+            continue  # broken lines stay behind (and are not shown: they may hold a secret)
+        chosen.append(" ".join(line.split()))
+    missing = wanted - {line_key_id(line) for line in chosen}
+    if missing:
+        print(
+            f"key_mgmt: no valid key {', '.join(sorted(missing))} in {args.file}", file=sys.stderr
+        )
+        return 1
+    if not chosen:
+        print(f"key_mgmt: no keys in {args.file}", file=sys.stderr)
+        return 1
+    print(";".join(chosen))
+    hashed = all(line.split()[0].split(":", 1)[1].startswith("sha256:") for line in chosen)
+    print(
+        f"{len(chosen)} key line(s) above, for API_KEYS"
+        + ("" if hashed else "; plaintext secrets included: store it as a secret"),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="key_mgmt.py", description=__doc__.split("\n\n")[0])
     top.add_argument("--file", type=Path, default=None, help="key file (default: AUTH_KEYS_FILE)")
@@ -190,6 +235,10 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--concurrency", type=int, help="requests running at once")
     gen.add_argument("--expires", help="ISO 8601 time, e.g. 2027-01-01T00:00:00Z")
     gen.add_argument("--scopes", help="inference (default) or inference,admin")
+    gen.add_argument("--models", help="model ids the key may use, comma-separated (default all)")
+    gen.add_argument("--daily-tokens", type=int, help="tokens per UTC day (prompt + completion)")
+    gen.add_argument("--monthly-tokens", type=int, help="tokens per UTC calendar month")
+    gen.add_argument("--priority", type=int, help="weight in the fair queue, 1-10 (default 1)")
     gen.set_defaults(run=cmd_generate)
 
     lst = sub.add_parser("list", help="key ids and fields, never secrets")
@@ -203,6 +252,11 @@ def parser() -> argparse.ArgumentParser:
     rot.add_argument("key_id")
     rot.add_argument("--hashed", action="store_true", help="store the new secret hashed")
     rot.set_defaults(run=cmd_rotate)
+    exp = sub.add_parser(
+        "export", help="print key lines as one API_KEYS value (';'-separated), to stdout"
+    )
+    exp.add_argument("key_ids", nargs="*", help="the keys to export (default: all)")
+    exp.set_defaults(run=cmd_export)
     return top
 
 

@@ -586,7 +586,7 @@ boot_diagnostics() {
     external="${!external_var:-unknown (see the instance port list)}"
     log "vast.ai:       API at ${PUBLIC_IPADDR:-<instance ip>}:$external (-> container port $PORT)"
   fi
-  log "auth:          $AUTH_MODE ($key_count key(s) in $AUTH_KEYS_FILE${API_KEY:+, plus API_KEY}${API_KEY_FILE:+, plus API_KEY_FILE})"
+  log "auth:          $AUTH_MODE ($key_count key(s) in $AUTH_KEYS_FILE${API_KEYS:+ and API_KEYS}${API_KEY:+, plus API_KEY}${API_KEY_FILE:+, plus API_KEY_FILE})"
   log "llama args:    NGL=${NGL:-auto} CTX=${CTX:-auto} PARALLEL=${PARALLEL:-auto} EXTRA_ARGS=${EXTRA_ARGS:-}"
   log "-----------------------------------"
 }

@@ -2,26 +2,41 @@
 
 The request pipeline asks, in order: is the origin allowed (CORS), which key is this and
 may it use this path (401/403), is it within its request rate and concurrency (429),
-and, once the body is known, is the key still valid and can the request's tokens be
-reserved (429). Each "no" is raised as a Refusal carrying the headers an SDK needs to
-react to it; the pipeline writes it.
+and, once the body is known, is the key still valid, may it use the model (404, as if the
+model did not exist), and can the request's tokens be reserved in its minute window and
+its daily and monthly quotas (429). Each "no" is raised as a Refusal carrying the headers
+an SDK needs to react to it; the pipeline writes it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .config import Config
 from .http11 import RequestHead
 from .keys import ApiKey, KeyRing, KeySource
-from .limits import KeyLimits, Reservation
+from .ledger import LEDGER_NAME, charges
+from .limits import (
+    DAY,
+    MONTH,
+    CalendarQuota,
+    KeyLimits,
+    QuotaHold,
+    Reservation,
+    period_end,
+    stamp,
+)
 from .refusals import Refusal, retry_headers
 from .responses import Responder
 from .routes import Route
 from .shared_limits import SharedLimits
+
+log = logging.getLogger("gateway")
 
 # llama-server's own --cors-methods default.
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
@@ -29,16 +44,29 @@ CORS_ALLOW_HEADERS = "*, Authorization"
 CORS_EXPOSE = (
     "X-Request-ID, Retry-After, retry-after-ms, x-should-retry, "
     "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
-    "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
+    "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, "
+    "x-ratelimit-limit-tokens-day, x-ratelimit-remaining-tokens-day, "
+    "x-ratelimit-reset-tokens-day, x-ratelimit-limit-tokens-month, "
+    "x-ratelimit-remaining-tokens-month, x-ratelimit-reset-tokens-month"
 )
 
 
 class AccessControl:
-    def __init__(self, config: Config, keys: KeySource, shared: SharedLimits | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        keys: KeySource,
+        shared: SharedLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.keys = keys
         self.shared = shared  # REDIS_URL: limits shared by every replica
         self.key_limits: dict[str, KeyLimits] = {}
+        self.clock = clock  # wall time, for the calendar quotas
+        # What the usage ledger says each key was charged today and this month, read
+        # once, when the first key with a quota is seen.
+        self._charges: tuple[str, str, dict[str, tuple[int, int]]] | None = None
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         """Headers for an allowed browser origin; none for others (or without CORS_ORIGINS)."""
@@ -118,21 +146,57 @@ class AccessControl:
             raise _unauthorized("API key was revoked or has expired", code="revoked_api_key")
 
     def limits_for(self, key: ApiKey) -> KeyLimits:
-        rpm = key.rpm or self.config.max_requests_per_minute
-        limits = self.key_limits.get(key.key_id)
-        if limits is None:
-            limits = self.key_limits[key.key_id] = KeyLimits(rpm, key.tpm, key.concurrency)
-        elif (
-            limits.requests.limit,
-            limits.tokens.limit if limits.tokens else None,
-            limits.concurrency,
-        ) != (
-            rpm,
+        fields = (
+            key.rpm or self.config.max_requests_per_minute,
             key.tpm,
             key.concurrency,
-        ):
-            limits.update(rpm, key.tpm, key.concurrency)
+            key.daily_tokens,
+            key.monthly_tokens,
+        )
+        limits = self.key_limits.get(key.key_id)
+        if limits is None:
+            limits = self.key_limits[key.key_id] = KeyLimits(*fields)
+            self._seed(key.key_id, limits)
+        elif limits.fields() != fields:
+            quotas = set(limits.quotas)
+            limits.update(*fields)
+            if set(limits.quotas) - quotas:
+                self._seed(key.key_id, limits)
         return limits
+
+    def _seed(self, key_id: str, limits: KeyLimits) -> None:
+        """Start a key's quotas from what the ledger says it was charged (restarts)."""
+        if not limits.quotas:
+            return
+        wall = self.clock()
+        if self._charges is None:
+            self._charges = charges(self.config.log_dir / LEDGER_NAME, wall)
+            log.info(
+                "quotas: today's and this month's usage of %d key(s) read from the ledger",
+                len(self._charges[2]),
+            )
+        day, month, totals = self._charges
+        today, this_month = totals.get(key_id, (0, 0))
+        for kind, quota in limits.quotas.items():
+            quota.roll(wall)
+            quota.seed(day if kind == DAY else month, today if kind == DAY else this_month)
+
+    def check_model(
+        self, key: ApiKey, model: str | None, served: Sequence[str], router: bool
+    ) -> None:
+        """A key limited to some models sees no other (404, as if it did not exist).
+
+        In router mode the request names the model llama-server is to run (and load);
+        with one model served llama-server ignores the name, so the served model decides.
+        An unknown served model (not read yet) refuses too: never fail open.
+        """
+        if key.models is None:
+            return
+        if router:
+            if model is not None and not key.may_use(model):
+                raise _no_such_model(model)
+        elif not any(key.may_use(name) for name in served):
+            raise _no_such_model(model if model is not None else ",".join(served))
 
     async def enter(self, key: ApiKey, limits: KeyLimits, out: Responder) -> Ticket:
         """Count the request against the key's rate and take a concurrent place, or refuse.
@@ -150,7 +214,11 @@ class AccessControl:
         wait = shared[0] if shared is not None else 0.0
         if not wait:
             wait = limits.requests.try_take(now)  # kept locally too: a warm fallback
-        out.ex.rate_headers = limits.headers(now, shared_requests=shared[1] if shared else None)
+        out.ex.rate_headers = limits.headers(
+            now,
+            shared_requests=shared[1] if shared else None,
+            wall=self.clock() if limits.quotas else None,
+        )
         if wait:
             raise Refusal(
                 429,
@@ -188,45 +256,162 @@ class AccessControl:
         )
 
     async def reserve_tokens(self, ticket: Ticket, tokens: int, out: Responder) -> None:
-        """Reserve ``tokens`` (the request's upper bound) in the key's window, or refuse."""
+        """Reserve ``tokens`` (the request's upper bound) in the key's minute window and its
+        day and month quotas, all or none, or refuse."""
         limits = ticket.limits
-        if limits.tokens is None:
-            return
-        now = time.monotonic()
-        shared = (
-            await self.shared.reserve(ticket.key_id, tokens, limits.tokens.limit)
-            if self.shared
-            else None
-        )
-        got: Reservation | float = shared[1] if shared is not None and shared[0] is None else 0.0
-        if shared is not None:
-            ticket.shared_reservation = shared[0]
-        if not got:
-            got = limits.tokens.try_reserve(tokens, now)
-        out.ex.rate_headers = limits.headers(now, shared_tokens=shared[2] if shared else None)
-        if isinstance(got, Reservation):
+        now, wall = time.monotonic(), self.clock()
+        shared_tokens: int | None = None
+        if limits.tokens is not None:
+            shared = (
+                await self.shared.reserve(ticket.key_id, tokens, limits.tokens.limit)
+                if self.shared
+                else None
+            )
+            got: Reservation | float = (
+                shared[1] if shared is not None and shared[0] is None else 0.0
+            )
+            if shared is not None:
+                ticket.shared_reservation = shared[0]
+                shared_tokens = shared[2]
+            if not got:
+                got = limits.tokens.try_reserve(tokens, now)
+            if not isinstance(got, Reservation):
+                out.ex.rate_headers = limits.headers(now, shared_tokens=shared_tokens, wall=wall)
+                await self.shared_settle(ticket, 0)  # refused here after all: give it back
+                raise self._over_tpm(ticket.key_id, limits, tokens, got)
             ticket.reservation = got
-            return
-        await self.shared_settle(ticket, 0)  # refused here after all: give the shared place back
-        key_id = ticket.key_id
+        if limits.quotas:
+            refusal = await self._reserve_quota(ticket, tokens, wall)
+            if refusal is not None:
+                await self.settle(ticket, 0)  # the minute window's reservation goes back
+                out.ex.rate_headers = limits.headers(now, shared_tokens=shared_tokens, wall=wall)
+                raise refusal
+        out.ex.rate_headers = limits.headers(now, shared_tokens=shared_tokens, wall=wall)
+
+    @staticmethod
+    def _over_tpm(key_id: str, limits: KeyLimits, tokens: int, wait: float) -> Refusal:
+        assert limits.tokens is not None
         message = (
             f"this request could use up to {tokens} tokens, more than key '{key_id}' may use "
             f"per minute ({limits.tokens.limit}): lower max_tokens, n or the prompt"
-            if math.isinf(got)
+            if math.isinf(wait)
             else f"token limit: {limits.tokens.limit} tokens per minute for key '{key_id}'"
         )
-        raise Refusal(429, message, "tokens", headers=retry_headers(got), code="tokens_exceeded")
+        return Refusal(429, message, "tokens", headers=retry_headers(wait), code="tokens_exceeded")
+
+    async def _reserve_quota(self, ticket: Ticket, tokens: int, wall: float) -> Refusal | None:
+        """Hold ``tokens`` in every quota of the key; the refusal when one cannot take them.
+
+        With Redis the shared counters decide (every replica's spending); without an answer
+        from it, this replica's own counters do.
+        """
+        limits = ticket.limits
+        answer = None
+        if self.shared is not None:
+            for quota in limits.quotas.values():
+                quota.roll(wall)
+            answer = await self.shared.reserve_quota(
+                ticket.key_id,
+                tokens,
+                {kind: (q.limit, q.used) for kind, q in limits.quotas.items()},
+            )
+        if answer is not None:
+            reserved = answer.refused is None
+            for kind, used in answer.used.items():
+                if kind in limits.quotas:
+                    limits.quotas[kind].shared = used - tokens if reserved else used
+            if not reserved:
+                quota = limits.quotas[answer.refused or DAY]
+                wait = math.inf if answer.never else quota.reset_in(wall)
+                return _over_quota(ticket.key_id, quota, tokens, wait, wall)
+            ticket.shared_quota = answer.counters
+        else:
+            over = limits.quota_refusal(tokens, wall)
+            if over is not None:
+                return _over_quota(ticket.key_id, over[0], tokens, over[1], wall)
+        ticket.quota = limits.hold_quota(tokens, wall)
+        return None
 
     async def settle(self, ticket: Ticket, tokens: int) -> None:
-        """The request is over: its reservation holds what it really used."""
+        """The request is over: its reservations hold what it really used."""
         if ticket.reservation is not None:
             ticket.reservation.tokens = tokens
+        hold = ticket.quota
+        if hold is not None:
+            ticket.quota = None
+            reserved = hold.tokens
+            ticket.limits.settle_quota(hold, tokens)
+            if ticket.shared_quota and self.shared is not None:
+                counters, ticket.shared_quota = ticket.shared_quota, []
+                await self.shared.settle_quota(counters, tokens - reserved)
         await self.shared_settle(ticket, tokens)
 
     async def shared_settle(self, ticket: Ticket, tokens: int) -> None:
         if ticket.shared_reservation is not None and self.shared is not None:
             await self.shared.settle(ticket.key_id, ticket.shared_reservation, tokens)
             ticket.shared_reservation = None
+
+    def headers_for(self, key: ApiKey) -> list[tuple[str, str]]:
+        """The key's rate headers as they stand, for a response that takes nothing."""
+        limits = self.limits_for(key)
+        return limits.headers(time.monotonic(), wall=self.clock() if limits.quotas else None)
+
+    async def describe(self, key: ApiKey) -> dict[str, object]:
+        """GET /v1/key: the key's settings, limits and usage against each, for its holder.
+
+        With Redis the usage is every replica's (one script); else this replica's.
+        """
+        limits = self.limits_for(key)
+        now, wall = time.monotonic(), self.clock()
+        requests = limits.requests.limit - limits.requests.remaining(now)
+        tokens = limits.tokens.used(now) if limits.tokens is not None else None
+        spent = {kind: quota.spent(wall) for kind, quota in limits.quotas.items()}
+        shared = await self.shared.usage(key.key_id, list(limits.quotas)) if self.shared else None
+        if shared is not None:
+            requests = shared[0]
+            tokens = shared[1] if tokens is not None else None
+            spent = dict(zip(limits.quotas, shared[2:]))
+        day, month = limits.quotas.get(DAY), limits.quotas.get(MONTH)
+
+        def left(limit: int | None, used: int | None) -> int | None:
+            return None if limit is None or used is None else max(0, limit - used)
+
+        tpm = limits.tokens.limit if limits.tokens is not None else None
+        return {
+            "data": {
+                "id": key.key_id,
+                "scopes": sorted(key.scopes),
+                "models": sorted(key.models) if key.models is not None else None,
+                "priority": key.priority,
+                "expires": stamp(key.expires.timestamp()) if key.expires else None,
+                "limits": {
+                    "requests_per_minute": limits.requests.limit,
+                    "tokens_per_minute": tpm,
+                    "concurrency": limits.concurrency,
+                    "daily_tokens": day.limit if day else None,
+                    "monthly_tokens": month.limit if month else None,
+                },
+                "usage": {
+                    "requests_this_minute": requests,
+                    "tokens_this_minute": tokens,
+                    "concurrent": limits.active,
+                    "tokens_today": spent.get(DAY),
+                    "tokens_this_month": spent.get(MONTH),
+                },
+                "remaining": {
+                    "requests_this_minute": left(limits.requests.limit, requests),
+                    "tokens_this_minute": left(tpm, tokens),
+                    "concurrency": left(limits.concurrency, limits.active),
+                    "tokens_today": left(day.limit if day else None, spent.get(DAY)),
+                    "tokens_this_month": left(month.limit if month else None, spent.get(MONTH)),
+                },
+                "resets": {
+                    "day": stamp(period_end(DAY, wall)),
+                    "month": stamp(period_end(MONTH, wall)),
+                },
+                "limiter": "memory" if self.shared is None else "redis" if shared else "local",
+            }
+        }
 
 
 @dataclass(slots=True)
@@ -239,6 +424,36 @@ class Ticket:
     lease: str | None = None  # a concurrency lease in Redis
     reservation: Reservation | None = None
     shared_reservation: str | None = None
+    quota: QuotaHold | None = None  # daily/monthly tokens held
+    shared_quota: list[str] | None = None  # the Redis counters they are held in
+
+
+def _over_quota(
+    key_id: str, quota: CalendarQuota, tokens: int, wait: float, wall: float
+) -> Refusal:
+    per = "UTC day" if quota.kind == DAY else "UTC month"
+    if math.isinf(wait):
+        message = (
+            f"this request could use up to {tokens} tokens, more than key '{key_id}' may use "
+            f"per {per} ({quota.limit}): lower max_tokens, n or the prompt"
+        )
+    else:
+        message = (
+            f"token quota: key '{key_id}' has {quota.remaining(wall)} of its {quota.limit} "
+            f"tokens per {per} left and this request could use up to {tokens}; the quota "
+            f"resets at {stamp(period_end(quota.kind, wall))}"
+        )
+    return Refusal(429, message, "quota", headers=retry_headers(wait), code="insufficient_quota")
+
+
+def _no_such_model(model: str) -> Refusal:
+    return Refusal(
+        404,
+        f"The model '{model[:128]}' does not exist or you do not have access to it.",
+        "model",
+        code="model_not_found",
+        param="model",
+    )
 
 
 def _is_localhost(origin: str) -> bool:

@@ -11,7 +11,7 @@ import logging
 import time
 
 from .config import Config
-from .ledger import UsageLedger, bounded
+from .ledger import LEDGER_NAME, UsageLedger, bounded
 from .metrics import Metrics
 from .responses import Exchange
 
@@ -30,7 +30,7 @@ class Accounting:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
         self.worker_id = config.worker_id
-        self.ledger = UsageLedger(config.log_dir / "usage.jsonl")
+        self.ledger = UsageLedger(config.log_dir / LEDGER_NAME)
         self._second = 0
         self._stamp = ""
 
@@ -75,6 +75,7 @@ class Accounting:
                     "prompt_tokens": prompt,
                     "completion_tokens": completion,
                     "cached_tokens": tally.cached,
+                    "charged_tokens": ex.charged,
                     "ttft_ms": round(ex.ttfb * 1000, 1) if ex.ttfb is not None else None,
                     "duration_ms": round(duration * 1000, 1),
                     "disconnected": ex.disconnected,

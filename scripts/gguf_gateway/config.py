@@ -11,7 +11,7 @@ import os
 import socket
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 VERSION = "0.1.0"
@@ -175,6 +175,7 @@ class Config:
     auth_keys_file: Path = Path("/data/api_keys.txt")
     api_key: str = ""
     api_key_file: Path | None = None
+    api_keys: str = field(default="", repr=False)  # API_KEYS: key-file lines (secrets)
 
     max_requests_per_minute: int = 100
     max_concurrent_requests: int | None = None
@@ -236,6 +237,7 @@ class Config:
             auth_keys_file=Path(env.get("AUTH_KEYS_FILE", "").strip() or data_dir / "api_keys.txt"),
             api_key=env.get("API_KEY", "").strip(),
             api_key_file=Path(api_key_file) if api_key_file else None,
+            api_keys=env.get("API_KEYS", ""),
             max_requests_per_minute=_int(env, "MAX_REQUESTS_PER_MINUTE", 100, 1),
             max_concurrent_requests=_optional_int(env, "MAX_CONCURRENT_REQUESTS"),
             max_queue_size=_optional_int(env, "MAX_QUEUE_SIZE", minimum=0),

@@ -7,6 +7,10 @@ the first match, so timing reveals neither which key matched nor how much of it.
 
 A malformed line is reported by line number (never with its content, which may hold a
 secret) and skipped; the other lines keep working.
+
+Keys come from the file, from ``API_KEYS`` (the same lines, separated by newlines or ``;``,
+for platforms whose secrets are environment variables; an entry is named by its position)
+and from ``API_KEY``/``API_KEY_FILE`` (one key, id ``default``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from pathlib import Path
 SCOPES = frozenset({"inference", "admin"})
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
+# A model id as llama-server names it: a file name without .gguf, or an alias.
+_MODEL_ID = re.compile(r"[^\s,;]{1,256}")
+_COUNTS = ("rpm", "tpm", "concurrency", "daily_tokens", "monthly_tokens")
+MAX_PRIORITY = 10
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,18 @@ class ApiKey:
     concurrency: int | None = None
     expires: datetime | None = None
     scopes: frozenset[str] = frozenset({"inference"})
+    # The model ids this key may use; None: all of them.
+    models: frozenset[str] | None = None
+    daily_tokens: int | None = None  # prompt + completion tokens per UTC day
+    monthly_tokens: int | None = None  # ... per UTC calendar month
+    priority: int = 1  # weight in the fair admission queue (1-10)
+
+    @property
+    def has_quota(self) -> bool:
+        return self.daily_tokens is not None or self.monthly_tokens is not None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
     def expired(self, now: float | None = None) -> bool:
         if self.expires is None:
@@ -76,10 +96,19 @@ def parse_key_line(line: str) -> ApiKey:
             raise ValueError(f"field {name!r} needs name=value")
         if name in fields:
             raise ValueError(f"field {name!r} given twice")
-        if name in ("rpm", "tpm", "concurrency"):
+        if name in _COUNTS:
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"{name} must be a positive whole number")
             fields[name] = int(value)
+        elif name == "priority":
+            if not value.isdigit() or not 1 <= int(value) <= MAX_PRIORITY:
+                raise ValueError(f"priority must be a whole number from 1 to {MAX_PRIORITY}")
+            fields[name] = int(value)
+        elif name == "models":
+            models = [m for m in value.split(",") if m]
+            if not models or not all(_MODEL_ID.fullmatch(m) for m in models):
+                raise ValueError("models must be model ids separated by commas")
+            fields[name] = frozenset(models)
         elif name == "expires":
             try:
                 fields[name] = _parse_expires(value)
@@ -99,28 +128,44 @@ def parse_key_line(line: str) -> ApiKey:
 
 def parse_key_text(text: str, source: str) -> tuple[list[ApiKey], list[str]]:
     """All valid keys in ``text`` and one problem message per skipped line."""
+    return parse_key_entries(file_entries(text, source))
+
+
+def file_entries(text: str, source: str) -> list[tuple[str, str]]:
+    """A key file's lines, each with the place a problem names: "FILE line N"."""
+    return [(f"{source} line {n}", raw) for n, raw in enumerate(text.splitlines(), start=1)]
+
+
+def env_entries(text: str, name: str = "API_KEYS") -> list[tuple[str, str]]:
+    """API_KEYS: key-file lines separated by newlines or ';', named "API_KEYS entry N".
+
+    Platforms that hold secrets as environment variables often allow one line only, hence
+    ';' (which a key line never needs: secrets are sk-... or sha256:<hex>).
+    """
+    pieces = re.split(r"[\r\n;]", text)
+    return [(f"{name} entry {n}", raw) for n, raw in enumerate(pieces, start=1)]
+
+
+def parse_key_entries(entries: Iterable[tuple[str, str]]) -> tuple[list[ApiKey], list[str]]:
+    """Keys from (place, line) pairs; the first of two entries with one id or secret wins."""
     keys: list[ApiKey] = []
     problems: list[str] = []
     seen_ids: set[str] = set()
     seen_digests: set[bytes] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for place, raw in entries:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         try:
             key = parse_key_line(line)
         except ValueError as exc:
-            problems.append(f"{source} line {number}: {exc}; line skipped")
+            problems.append(f"{place}: {exc}; skipped")
             continue
         if key.key_id in seen_ids:
-            problems.append(
-                f"{source} line {number}: duplicate key id {key.key_id!r}; line skipped"
-            )
+            problems.append(f"{place}: duplicate key id {key.key_id!r}; skipped")
             continue
         if key.digest in seen_digests:
-            problems.append(
-                f"{source} line {number}: key {key.key_id!r} repeats an earlier secret; line skipped"
-            )
+            problems.append(f"{place}: key {key.key_id!r} repeats an earlier secret; skipped")
             continue
         seen_ids.add(key.key_id)
         seen_digests.add(key.digest)
@@ -152,7 +197,7 @@ class KeyRing:
 
 
 class KeySource:
-    """Builds the key ring from AUTH_KEYS_FILE, API_KEY and API_KEY_FILE and reloads it.
+    """Builds the key ring from AUTH_KEYS_FILE, API_KEYS, API_KEY and API_KEY_FILE.
 
     The file is re-read when its mtime, size or inode changes (checked at most once a
     second, on use) and on ``reload()`` (SIGHUP). A file that vanishes or cannot be read
@@ -165,10 +210,12 @@ class KeySource:
         api_key: str = "",
         api_key_file: Path | None = None,
         log: Callable[[str], None] | None = None,
+        api_keys: str = "",
     ) -> None:
         self.keys_file = keys_file
         self.api_key = api_key
         self.api_key_file = api_key_file
+        self.api_keys = api_keys  # API_KEYS: fixed for the process's life
         self._log = log or (lambda message: None)
         self._signature: tuple[int, int, int] | None = None
         self._checked = 0.0
@@ -190,7 +237,7 @@ class KeySource:
         )
 
     def reload(self) -> None:
-        keys: list[ApiKey] = []
+        entries: list[tuple[str, str]] = []
         single = self._single_key()
         try:
             stat = os.stat(self.keys_file)
@@ -215,13 +262,17 @@ class KeySource:
         else:
             self._file_read = True
             self._signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            parsed, problems = parse_key_text(text, str(self.keys_file))
-            for problem in problems:
-                self._log(problem)
-            keys.extend(parsed)
+            entries = file_entries(text, str(self.keys_file))
+        # One parse over both sources, so an id or secret given twice is reported, the
+        # file's entry winning.
+        keys, problems = parse_key_entries(entries + env_entries(self.api_keys))
+        for problem in problems:
+            self._log(problem)
         if single is not None:
             if any(k.key_id == "default" for k in keys):
-                self._log("API_KEY: key id 'default' also in AUTH_KEYS_FILE; the file's entry wins")
+                self._log(
+                    "API_KEY: key id 'default' also in AUTH_KEYS_FILE or API_KEYS; that entry wins"
+                )
             else:
                 keys.append(single)
         self.ring = KeyRing(keys)

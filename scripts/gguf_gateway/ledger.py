@@ -8,6 +8,12 @@ operator's decision, not traffic's). Every field is bounded by the caller (a str
 client chose is cut to FIELD_LIMIT characters). One small buffered write per
 request, batched: lines are written at most once a second (and at shutdown), so the
 request path pays no system call for them. Key ids only, never secrets.
+
+Each line of a request whose key counts tokens also holds ``charged_tokens``: what the
+request was charged against the key's limits (its reported usage, or the reserved bound
+when no usage came, as for a client that left mid-stream). At start the day's and the
+month's charges per key are summed from the ledger and this month's archives
+(:func:`charges`), so daily and monthly quotas survive a restart.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import calendar
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
 log = logging.getLogger("gateway")
 
+LEDGER_NAME = "usage.jsonl"  # in LOG_DIR
 MAX_BYTES = 64 * 1024 * 1024
 # One encoder for every line: json.dumps with options builds a new encoder per call.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
@@ -42,6 +51,52 @@ def archives(path: Path) -> list[Path]:
     """The archived files of ledger ``path``, oldest first."""
     found = [p for p in path.parent.glob(path.name + ".*") if archive_number(p)]
     return sorted(found, key=archive_number)
+
+
+def charged(entry: dict[str, Any]) -> int:
+    """Tokens one ledger line charged its key (older lines: the usage they report)."""
+    value = entry.get("charged_tokens")
+    if isinstance(value, int):
+        return value
+    total = 0
+    for name in ("prompt_tokens", "completion_tokens"):
+        count = entry.get(name)
+        total += count if isinstance(count, int) else 0
+    return total
+
+
+def charges(path: Path, wall: float) -> tuple[str, str, dict[str, tuple[int, int]]]:
+    """(day, month, key id -> tokens charged that UTC day and month) from ledger ``path``
+    and its archives that may hold lines of this month (modified since it began)."""
+    now = time.gmtime(wall)
+    day = time.strftime("%Y-%m-%d", now)
+    month = day[:7]
+    month_start = calendar.timegm((now.tm_year, now.tm_mon, 1, 0, 0, 0))
+    totals: dict[str, tuple[int, int]] = {}
+    prefix = '{"ts":"' + month
+    for file in [*archives(path), path]:
+        try:
+            if file.stat().st_mtime < month_start:
+                continue
+            handle = open(file, encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        with handle:
+            for line in handle:
+                if not line.startswith(prefix):
+                    continue  # another month (lines start with their time)
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                key_id, tokens = entry.get("key_id"), charged(entry)
+                if not isinstance(key_id, str) or not tokens:
+                    continue
+                today, this_month = totals.get(key_id, (0, 0))
+                if str(entry.get("ts", "")).startswith(day):
+                    today += tokens
+                totals[key_id] = (today, this_month + tokens)
+    return day, month, totals
 
 
 class UsageLedger:

@@ -2,8 +2,9 @@
 
     route (deny by default) -> CORS preflight -> key and scope -> draining? -> local answer
     -> loading? -> rate and concurrency (taken at once) -> body (whole-body deadline)
-    -> key still valid? -> parse and check the body -> plan (slots, token bound)
-    -> token reservation -> admission -> relay -> settle tokens
+    -> key still valid? -> parse and check the body -> the key's models -> plan (slots,
+    token bound) -> token reservation (minute, day, month) -> admission (by priority)
+    -> relay -> settle tokens
 
 Every refusal on the way is a :class:`Refusal`, raised where it is decided and written
 here, in ``handle``, before any response byte; the connection loop (server.py) closes the
@@ -13,6 +14,7 @@ connection afterwards when the refusal or an unread body says so.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -21,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from . import bodies, tokens, webui
+from . import bodies, model_scope, tokens, webui
 from .access import AccessControl, Ticket
 from .backends import prefix_key
 from .client import ClientConnection, ClientGone
@@ -164,6 +166,9 @@ class Pipeline:
         if route.kind is Kind.LOCAL:
             _no_body(head)
             return Outcome(await self.endpoints.answer(out, head, route))
+        if route.kind is Kind.KEY:
+            _no_body(head)
+            return Outcome(await self._key_info(out, head, key))
         if not self.readiness.ever_ready or self.readiness.backend == LOADING:
             raise unavailable("the model is still loading; retry shortly", "loading", 5)
         if key is None:
@@ -189,18 +194,35 @@ class Pipeline:
         if key is not None:
             self.access.still_valid(key, ring)
         forward, plan = self._prepare(head, route, out, body)
-        reserved = ticket is not None and route.admitted and ticket.limits.tokens is not None
+        if key is not None and key.models is not None:
+            if route.lists_models:
+                forward = dataclasses.replace(forward, models=key.models)
+            else:
+                for model in [out.ex.model, *model_scope.query_models(head.query)]:
+                    self.access.check_model(
+                        key, model, self.readiness.models, self.readiness.router
+                    )
+        reserved = ticket is not None and route.admitted and ticket.limits.counts_tokens
         if reserved:
             assert ticket is not None
             await self.access.reserve_tokens(ticket, plan.tokens, out)
         try:
             if not route.admitted:
                 return Outcome(await self.relay.run(out, forward, self.backends.any()))
-            return Outcome(await self._admitted(conn, out, forward, plan))
+            weight = key.priority if key is not None else 1
+            return Outcome(await self._admitted(conn, out, forward, plan, weight))
         finally:
             if reserved:
                 assert ticket is not None
-                await self.access.settle(ticket, self._settled(out.ex, plan.tokens))
+                out.ex.charged = self._settled(out.ex, plan.tokens)
+                await self.access.settle(ticket, out.ex.charged)
+
+    async def _key_info(self, out: Responder, head: RequestHead, key: ApiKey | None) -> bool:
+        if key is None:
+            raise Refusal(404, "GET /v1/key describes an API key: AUTH_ENABLED is false", "key")
+        out.ex.rate_headers = self.access.headers_for(key)
+        body = json.dumps(await self.access.describe(key)).encode()
+        return out.send(200, body, keep_alive=head.keep_alive)
 
     def _prepare(
         self, head: RequestHead, route: Route, out: Responder, body: bytes
@@ -248,9 +270,15 @@ class Pipeline:
         return forward, plan
 
     async def _admitted(
-        self, conn: ClientConnection, out: Responder, forward: Forward, plan: tokens.Plan
+        self,
+        conn: ClientConnection,
+        out: Responder,
+        forward: Forward,
+        plan: tokens.Plan,
+        weight: int = 1,
     ) -> bool:
-        """Wait for enough slots, then relay while watching the client for a disconnect."""
+        """Wait for enough slots (queued by the key's priority), then relay while watching
+        the client for a disconnect."""
         admission = self.admission()
         # Every task of a request runs on the one backend it is sent to.
         most = min(admission.limit, self.backends.most_slots or admission.limit)
@@ -270,7 +298,7 @@ class Pipeline:
         watch = conn.watch()
         try:
             try:
-                await admission.acquire(out.ex.key_id, slots)
+                await admission.acquire(out.ex.key_id, slots, weight)
             except QueueFull as exc:
                 message = (
                     f"key '{out.ex.key_id}' already holds its {admission.per_key} queue places"

@@ -29,6 +29,7 @@ from . import assemble
 from .backend import BACKEND_LIMITS, BackendConnection, BackendUnavailable
 from .config import Config
 from .errors import sse_error_event
+from .model_scope import filter_listing
 from .http11 import LAST_CHUNK, ChunkedDecoder, HttpError, ResponseHead, chunk
 from .backends import Backend
 from .channel import Channel
@@ -68,6 +69,7 @@ class Forward:
     http11: bool  # the client speaks HTTP/1.1 (chunked) rather than 1.0
     strip_usage: bool  # drop usage-only chunks the client did not ask for
     affinity: bytes | None = None  # the prompt's prefix key, for routing to a warm cache
+    models: frozenset[str] | None = None  # a listing shows only these models (key's models=)
 
 
 def backend_failure(status: int, message: str, kind: str) -> Refusal:
@@ -138,7 +140,7 @@ class Relay:
         bconn, bhead = await leg.head(fwd.request, out)
         if fwd.shape is Shape.ASSEMBLED and bhead.status == 200 and bhead.chunked:
             return await leg.assembled(out, fwd, bconn)
-        return await leg.whole(out, bconn, bhead, fwd.keep_alive)
+        return await leg.whole(out, bconn, bhead, fwd.keep_alive, fwd.models)
 
     async def static(
         self, out: Responder, request: bytes, backend: Backend, keep_alive: bool, head_only: bool
@@ -212,7 +214,12 @@ class _Leg:
         return body
 
     async def whole(
-        self, out: Responder, bconn: BackendConnection, bhead: ResponseHead, keep: bool
+        self,
+        out: Responder,
+        bconn: BackendConnection,
+        bhead: ResponseHead,
+        keep: bool,
+        models: frozenset[str] | None = None,
     ) -> bool:
         """Read and forward a whole response (also the backend's own error responses)."""
         try:
@@ -221,6 +228,8 @@ class _Leg:
             raise backend_failure(502, f"llama-server response broken: {exc}", "protocol") from None
         if bhead.status == 200:
             out.ex.tally.add_body(body)
+            if models is not None:
+                body = filter_listing(body, models)
         extra = [("Retry-After", bhead.get("retry-after") or "5")] if bhead.status == 503 else None
         return out.send(
             bhead.status,

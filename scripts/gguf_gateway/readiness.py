@@ -76,6 +76,8 @@ class Readiness:
         self.backend = STARTING  # all backends together: starting | loading | ready | down
         self.draining = False
         self.ever_ready = False
+        # llama-server runs in router mode (several models; a request names the one to run).
+        self.router = False
         self.started = time.monotonic()
         self._wake = asyncio.Event()
         publish_state(state_file, STARTING)
@@ -176,6 +178,7 @@ class Readiness:
             status, body = await self._get(backend, "/props")
             if status == 200:
                 props = json.loads(body)
+                self.router = props.get("role") == "router"
                 slots = props.get("total_slots")
                 backend.slots = slots if isinstance(slots, int) else None
                 ctx = (props.get("default_generation_settings") or {}).get("n_ctx")

@@ -35,6 +35,8 @@ class Exchange:
     cors_headers: list[tuple[str, str]] = field(default_factory=list)
     tally: UsageTally = field(default_factory=UsageTally)
     model: str | None = None
+    # Tokens charged against the key's token limits and quotas (None: it has none).
+    charged: int | None = None
     error: str | None = None
     # Why the gateway refused it (gateway_rejections_total), or what failed in
     # llama-server (gateway_backend_errors_total); None when served.

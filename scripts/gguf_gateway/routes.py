@@ -13,6 +13,7 @@ from enum import Enum
 
 class Kind(Enum):
     LOCAL = "local"  # answered by the gateway
+    KEY = "key"  # answered by the gateway about the caller's own key (GET /v1/key)
     PROXY = "proxy"  # forwarded to llama-server
     STATIC = "static"  # the web UI's files, fetched from llama-server (webui.py)
 
@@ -29,6 +30,8 @@ class Route:
     generation: bool = False
     # Occupies a llama-server slot: goes through admission and token limits.
     admitted: bool = False
+    # Answers with a model listing: a key with models= sees only its own models there.
+    lists_models: bool = False
 
 
 def _route(
@@ -38,8 +41,17 @@ def _route(
     scope: str | None,
     generation: bool = False,
     admitted: bool = False,
+    lists_models: bool = False,
 ) -> Route:
-    return Route(path, frozenset(methods.split()), kind, scope, generation, admitted or generation)
+    return Route(
+        path,
+        frozenset(methods.split()),
+        kind,
+        scope,
+        generation,
+        admitted or generation,
+        lists_models,
+    )
 
 
 ROUTES: dict[str, Route] = {
@@ -55,7 +67,8 @@ ROUTES: dict[str, Route] = {
         _route("/metrics", "GET HEAD", Kind.LOCAL, None),
         _route("/v1/chat/completions", "POST", Kind.PROXY, "inference", generation=True),
         _route("/v1/completions", "POST", Kind.PROXY, "inference", generation=True),
-        _route("/v1/models", "GET", Kind.PROXY, "inference"),
+        _route("/v1/models", "GET", Kind.PROXY, "inference", lists_models=True),
+        _route("/v1/key", "GET", Kind.KEY, "inference"),
         _route("/v1/embeddings", "POST", Kind.PROXY, "inference", admitted=True),
         _route("/v1/responses", "POST", Kind.PROXY, "inference", admitted=True),
         _route("/v1/messages", "POST", Kind.PROXY, "inference", admitted=True),

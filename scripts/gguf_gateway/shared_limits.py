@@ -6,6 +6,10 @@ replicas:
 * requests per minute: a sorted set of request times per key, trimmed to 60 s;
 * tokens per minute: a sorted set of reservations (by time) and a hash of their sizes,
   summed at each reservation and settled to real usage afterwards;
+* daily and monthly token quotas: one counter per key and UTC period (the period is in the
+  counter's name, so a new day starts a new counter), created from the replica's ledger
+  figure when Redis has none (a Redis restarted empty), reserved when the request starts
+  and settled by the difference when it ends; it expires a day after its period;
 * concurrency: a sorted set of leases scored by their expiry. A replica renews the leases
   it holds every LEASE_SECONDS / 3; a replica that dies stops renewing, and its leases
   lapse within LEASE_SECONDS.
@@ -34,7 +38,9 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+from .limits import period_end, period_of
 
 log = logging.getLogger("gateway")
 
@@ -92,6 +98,47 @@ return {0, used + tokens}
 SETTLE = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 0
+"""
+
+# KEYS[i] one counter per quota; ARGV tokens, then per quota: limit, seed, expiry (unix ms).
+# -> {0, used...} reserved; {i, used...} quota i refused; {-i, used...} quota i never fits.
+QUOTA_RESERVE = """
+local tokens = tonumber(ARGV[1])
+local used = {}
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[3 * i], 'NX', 'PXAT', ARGV[3 * i + 1])
+  used[i] = tonumber(redis.call('GET', KEYS[i]))
+end
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[3 * i - 1])
+  if tokens > limit then return {-i, unpack(used)} end
+  if used[i] + tokens > limit then return {i, unpack(used)} end
+end
+for i = 1, #KEYS do used[i] = redis.call('INCRBY', KEYS[i], tokens) end
+return {0, unpack(used)}
+"""
+
+# KEYS[i] the counters a reservation was taken in; ARGV delta (used - reserved).
+QUOTA_SETTLE = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    if redis.call('INCRBY', KEYS[i], ARGV[1]) < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
+  end
+end
+return 0
+"""
+
+# KEYS rpm times, tpm times, tpm sizes, then quota counters; ARGV now_ms.
+# -> {requests this minute, tokens this minute, quota counters...} (GET /v1/key).
+USAGE = """
+local now = tonumber(ARGV[1])
+local since = '(' .. (now - 60000)
+local out = {redis.call('ZCOUNT', KEYS[1], since, '+inf'), 0}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], since, '+inf')) do
+  out[2] = out[2] + tonumber(redis.call('HGET', KEYS[3], id) or 0)
+end
+for i = 4, #KEYS do out[#out + 1] = tonumber(redis.call('GET', KEYS[i]) or 0) end
+return out
 """
 
 # KEYS[1] leases; ARGV now_ms, limit, lease, expiry_ms. -> 1 taken, 0 full.
@@ -241,12 +288,29 @@ class RedisClient:
             return await self.call("EVAL", source, *params)
 
 
+class QuotaAnswer:
+    """Redis's answer to a quota reservation."""
+
+    __slots__ = ("refused", "never", "used", "counters")
+
+    def __init__(
+        self, refused: str | None, never: bool, used: dict[str, int], counters: list[str]
+    ) -> None:
+        self.refused = refused  # the quota kind that refused, None when reserved
+        self.never = never  # the request is larger than that quota's whole limit
+        self.used = used  # each quota's count after the call
+        self.counters = counters  # the counters reserved in, to settle later
+
+
 class SharedLimits:
     """The shared side of per-key limits; every method returns None when Redis cannot
     answer within REDIS_TIMEOUT, and the caller then decides with its local limits."""
 
-    def __init__(self, url: str, lease_seconds: float) -> None:
+    def __init__(
+        self, url: str, lease_seconds: float, clock: Callable[[], float] = time.time
+    ) -> None:
         self.client = RedisClient(url)
+        self.clock = clock  # wall time: quotas follow the UTC calendar
         self.lease_seconds = lease_seconds
         self.up = False
         self._ids = itertools.count()
@@ -350,9 +414,8 @@ class SharedLimits:
         self.up = False
         self.client.close()
 
-    @staticmethod
-    def _now_ms() -> int:
-        return int(time.time() * 1000)
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
 
     async def take_request(self, key_id: str, limit: int) -> tuple[float, int] | None:
         """(seconds to wait or 0 when counted, requests in the window) or None."""
@@ -379,6 +442,49 @@ class SharedLimits:
 
     async def settle(self, key_id: str, rid: str, tokens: int) -> None:
         await self._script(SETTLE, [PREFIX + "tpmv:" + key_id], [rid, tokens], 1)
+
+    @staticmethod
+    def quota_key(key_id: str, kind: str, period: str) -> str:
+        return f"{PREFIX}quota:{kind}:{period}:{key_id}"
+
+    async def reserve_quota(
+        self, key_id: str, tokens: int, quotas: Mapping[str, tuple[int, int]]
+    ) -> QuotaAnswer | None:
+        """Reserve ``tokens`` in each quota (kind -> (limit, this replica's seed)), or say
+        which one refused; None when Redis did not answer."""
+        wall = self.clock()
+        kinds = list(quotas)
+        keys = [self.quota_key(key_id, kind, period_of(kind, wall)) for kind in kinds]
+        args: list[object] = [tokens]
+        for kind in kinds:
+            limit, seed = quotas[kind]
+            # Kept a day past the period, so a request that ends after midnight settles.
+            expiry = int((period_end(kind, wall) + 86400) * 1000)
+            args += [limit, seed, expiry]
+        got = await self._script(QUOTA_RESERVE, keys, args)
+        if not isinstance(got, list):
+            return None
+        status = int(got[0])
+        used = {kind: int(v) for kind, v in zip(kinds, got[1:])}
+        if status == 0:
+            return QuotaAnswer(None, False, used, keys)
+        return QuotaAnswer(kinds[abs(status) - 1], status < 0, used, [])
+
+    async def settle_quota(self, counters: Sequence[str], delta: int) -> None:
+        if counters and delta:
+            await self._script(QUOTA_SETTLE, list(counters), [delta])
+
+    async def usage(self, key_id: str, kinds: Sequence[str]) -> list[int] | None:
+        """[requests, tokens this minute, then each quota's count] over every replica."""
+        wall = self.clock()
+        keys = [
+            PREFIX + "rpm:" + key_id,
+            PREFIX + "tpm:" + key_id,
+            PREFIX + "tpmv:" + key_id,
+            *(self.quota_key(key_id, kind, period_of(kind, wall)) for kind in kinds),
+        ]
+        got = await self._script(USAGE, keys, [self._now_ms()])
+        return [int(v) for v in got] if isinstance(got, list) else None
 
     async def enter(self, key_id: str, limit: int) -> str | bool | None:
         """A lease id when a concurrent place was taken, False when full, None: no answer."""
