@@ -193,7 +193,8 @@ class Pipeline:
         out.ex.body_read = True
         if key is not None:
             self.access.still_valid(key, ring)
-        forward, plan = self._prepare(head, route, out, body)
+        scoped = key is not None and key.models is not None
+        forward, plan = self._prepare(head, route, out, body, canonical=scoped)
         if key is not None and key.models is not None:
             if route.lists_models:
                 forward = dataclasses.replace(forward, models=key.models)
@@ -225,9 +226,14 @@ class Pipeline:
         return out.send(200, body, keep_alive=head.keep_alive)
 
     def _prepare(
-        self, head: RequestHead, route: Route, out: Responder, body: bytes
+        self, head: RequestHead, route: Route, out: Responder, body: bytes, canonical: bool = False
     ) -> tuple[Forward, tokens.Plan]:
-        """Check the body, plan its cost, and build the request llama-server will get."""
+        """Check the body, plan its cost, and build the request llama-server will get.
+
+        ``canonical``: send the body as parsed here, never as the client wrote it, so that
+        the model llama-server reads is the one checked (a key limited to some models could
+        otherwise name two, e.g. in repeated keys, hoping the parsers disagree).
+        """
         slot_ctx = self.readiness.ctx or 4096
         shape, strip_usage = Shape.PLAIN, False
         plan = tokens.Plan(1, slot_ctx)
@@ -243,7 +249,7 @@ class Pipeline:
                 plan = tokens.plan(route.path, payload, len(body), slot_ctx)
                 if len(self.backends) > 1:
                     affinity = prefix_key(payload)
-            changed = tokens.strip_server_fields(payload)
+            changed = tokens.strip_server_fields(payload) or canonical
             streamed = payload.get("stream") is True
             if streamed:
                 shape = Shape.STREAM
