@@ -311,14 +311,38 @@ def test_two_replicas_share_a_daily_quota_exactly(
     served = [body["usage"]["total_tokens"] for status, _, body in results if status == 200]
     assert served and len(served) < 16
     assert sum(served) <= 1200
+
     # Both replicas see the same spending, which is what their two ledgers hold together.
-    infos = [key_info(gw, "sk-shared-quota-00") for gw in replicas]
-    assert infos[0]["usage"]["tokens_today"] == infos[1]["usage"]["tokens_today"] == sum(served)
-    assert infos[0]["limiter"] == "redis"
+    # (A request settles in Redis just after its client has the answer: wait for the last.)
+    def today(gw: GatewayHandle) -> int:
+        info = key_info(gw, "sk-shared-quota-00")
+        assert info["limiter"] == "redis"
+        return int(info["usage"]["tokens_today"])
+
+    wait_until(lambda: today(replicas[0]) == sum(served), 10, "the last settlement")
+    assert today(replicas[1]) == sum(served)
     for gw in replicas:
         gw.proc.stop()  # flushes each ledger
     logged = sum(charged(ledger(tmp_path / f"logs-{i}", "both")) for i in range(2))
     assert logged == sum(served)
+
+
+def test_each_replica_keeps_the_quota_on_its_own_while_redis_is_down(
+    make_gateway: GatewayFactory, tmp_path: Path, redis: RedisServer
+) -> None:
+    gw = keyed_gateway(
+        make_gateway,
+        tmp_path,
+        "down:sk-quota-redis-down daily_tokens=400\n",
+        REDIS_URL=redis.url,
+    )
+    wait_until(lambda: bool(health(gw)["limiter"]["shared"]), 10, "the shared limiter")
+    assert chat(gw, "sk-quota-redis-down", tokens=100)[0] == 200
+    redis.stop()
+    statuses = [chat(gw, "sk-quota-redis-down", tokens=100)[0] for _ in range(3)]
+    assert statuses[0] == 200 and statuses[-1] == 429, statuses
+    info = key_info(gw, "sk-quota-redis-down")
+    assert info["limiter"] == "local" and info["usage"]["tokens_today"] <= 400
 
 
 def test_shared_quotas_roll_over_at_utc_midnight_and_never_overshoot(redis: RedisServer) -> None:

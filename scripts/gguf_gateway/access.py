@@ -161,6 +161,9 @@ class AccessControl:
             quotas = set(limits.quotas)
             limits.update(*fields)
             if set(limits.quotas) - quotas:
+                # A reload gave the key a quota: what it spent since the ledger was last
+                # read counts too.
+                self._charges = None
                 self._seed(key.key_id, limits)
         return limits
 
@@ -326,6 +329,8 @@ class AccessControl:
                 return _over_quota(ticket.key_id, quota, tokens, wait, wall)
             ticket.shared_quota = answer.counters
         else:
+            for quota in limits.quotas.values():
+                quota.shared = None  # no shared figure now: this replica's own counts show
             over = limits.quota_refusal(tokens, wall)
             if over is not None:
                 return _over_quota(ticket.key_id, over[0], tokens, over[1], wall)

@@ -76,8 +76,7 @@ class Readiness:
         self.backend = STARTING  # all backends together: starting | loading | ready | down
         self.draining = False
         self.ever_ready = False
-        # llama-server runs in router mode (several models; a request names the one to run).
-        self.router = False
+        self._router = False  # /props said role=router
         self.started = time.monotonic()
         self._wake = asyncio.Event()
         publish_state(state_file, STARTING)
@@ -97,6 +96,15 @@ class Readiness:
     @property
     def models(self) -> list[str]:
         return self.backends.backends[0].models
+
+    @property
+    def router(self) -> bool:
+        """llama-server runs in router mode (several models; a request names the one to run).
+
+        Its /props says so; a listing of more than one model does too, should /props have
+        failed: a key's model list must never be waved through for want of knowing.
+        """
+        return self._router or len(self.models) > 1
 
     @property
     def ready(self) -> bool:
@@ -178,7 +186,7 @@ class Readiness:
             status, body = await self._get(backend, "/props")
             if status == 200:
                 props = json.loads(body)
-                self.router = props.get("role") == "router"
+                self._router = props.get("role") == "router"
                 slots = props.get("total_slots")
                 backend.slots = slots if isinstance(slots, int) else None
                 ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
