@@ -491,7 +491,8 @@ def test_v1_key_figures_equal_the_ledger(
     assert get(gw, "/v1/models", "sk-key-info-00000")[0] == 200
     info = key_info(gw, "sk-key-info-00000")
     log_dir = tmp_path / "logs"
-    wait_until(lambda: len(ledger(log_dir, "me")) == 4, 10, "the ledger")
+    # Five lines: the four requests and GET /v1/key itself (which charges nothing).
+    wait_until(lambda: len(ledger(log_dir, "me")) == 5, 10, "the ledger")
     entries = ledger(log_dir, "me")
     spent = charged(entries)
     reported = sum((e["prompt_tokens"] or 0) + (e["completion_tokens"] or 0) for e in entries)
