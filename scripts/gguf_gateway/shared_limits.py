@@ -461,18 +461,18 @@ class SharedLimits:
             # Kept a day past the period, so a request that ends after midnight settles.
             expiry = int((period_end(kind, wall) + 86400) * 1000)
             args += [limit, seed, expiry]
-        got = await self._script(QUOTA_RESERVE, keys, args)
-        if not isinstance(got, list):
+        got = await self._script(QUOTA_RESERVE, keys, args, 1 + len(kinds))
+        if got is None:
             return None
-        status = int(got[0])
-        used = {kind: int(v) for kind, v in zip(kinds, got[1:])}
+        status = got[0]
+        used = dict(zip(kinds, got[1:]))
         if status == 0:
             return QuotaAnswer(None, False, used, keys)
         return QuotaAnswer(kinds[abs(status) - 1], status < 0, used, [])
 
     async def settle_quota(self, counters: Sequence[str], delta: int) -> None:
         if counters and delta:
-            await self._script(QUOTA_SETTLE, list(counters), [delta])
+            await self._script(QUOTA_SETTLE, list(counters), [delta], 1)
 
     async def usage(self, key_id: str, kinds: Sequence[str]) -> list[int] | None:
         """[requests, tokens this minute, then each quota's count] over every replica."""
@@ -483,8 +483,8 @@ class SharedLimits:
             PREFIX + "tpmv:" + key_id,
             *(self.quota_key(key_id, kind, period_of(kind, wall)) for kind in kinds),
         ]
-        got = await self._script(USAGE, keys, [self._now_ms()])
-        return [int(v) for v in got] if isinstance(got, list) else None
+        got = await self._script(USAGE, keys, [self._now_ms()], 2 + len(kinds))
+        return list(got) if got is not None else None
 
     async def enter(self, key_id: str, limit: int) -> str | bool | None:
         """A lease id when a concurrent place was taken, False when full, None: no answer."""
