@@ -29,6 +29,7 @@ MODEL_REVISION is honoured: only that revision's snapshot is ever used, online o
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -54,6 +55,8 @@ _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _REVISION = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 MAX_PATH = 1024
+# A listing's JSON: the Hub's largest repos list tens of thousands of files in a few MiB.
+MAX_LISTING = 32 << 20
 # Quant names as they appear in GGUF file names (Q4_K_M, IQ3_XXS, Q8_0, F16, BF16, ...).
 _QUANT = re.compile(r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])", re.I)
 
@@ -245,9 +248,17 @@ class Hub:
     def _json(self, path: str, ref: ModelRef) -> object:
         try:
             with self._open(path) as response:  # type: ignore[attr-defined]
-                return json.loads(response.read())
+                data = response.read(MAX_LISTING + 1)
         except urllib.error.HTTPError as exc:
             raise self._refused(exc.code, ref) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise HubUnreachable(f"{self.endpoint} cut its answer to {path}: {exc}") from None
+        if len(data) > MAX_LISTING:
+            raise self._hostile(f"more than {MAX_LISTING >> 20} MiB of JSON at {path}", ref)
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise self._hostile(f"JSON nested too deep at {path}", ref) from None
         except ValueError:
             raise HubUnreachable(f"{self.endpoint} answered {path} with something not JSON")
 

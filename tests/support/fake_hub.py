@@ -56,6 +56,8 @@ class HubRepo:
     oids: dict[str, str] = field(default_factory=dict)
     # Sizes the tree lists instead of the true ones (a lying or stale listing).
     listed_sizes: dict[str, int] = field(default_factory=dict)
+    # Raw bytes answered for the tree listing instead of the JSON (a hostile Hub).
+    raw_tree: bytes | None = None
 
 
 def _size(data: Data) -> int:
@@ -223,6 +225,13 @@ class FakeHub:
         if api and (not rest or rest[0] == "revision"):
             siblings = [{"rfilename": f} for f in repo.files]
             return self._json(handler, 200, {"id": name, "sha": repo.commit, "siblings": siblings})
+        if api and rest[:1] == ["tree"] and repo.raw_tree is not None:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(repo.raw_tree)))
+            handler.end_headers()
+            handler.wfile.write(repo.raw_tree)
+            return None
         if api and rest[:1] == ["tree"]:
             tree = [
                 {

@@ -240,6 +240,26 @@ def test_a_hostile_hub_listing_exits_2_and_writes_nothing(
         assert not list(tmp_path.parent.glob(f"{escape}*"))
 
 
+@pytest.mark.parametrize(
+    "raw, said",
+    [
+        pytest.param(b"[" * 200_000 + b"]" * 200_000, "nested too deep", id="json-bomb"),
+        pytest.param(b"[" + b" " * (33 << 20) + b"]", "more than 32 MiB", id="huge-listing"),
+    ],
+)
+def test_a_hostile_listing_body_exits_2_without_a_traceback(
+    tmp_path: Path, raw: bytes, said: str
+) -> None:
+    server = FakeHub({"owner/evil": HubRepo({"Tiny-Q4_K_M.gguf": b"GGUF"}, raw_tree=raw)}).start()
+    try:
+        result = fetch(tmp_path, server.url, MODEL_REPO="owner/evil")
+    finally:
+        server.stop()
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr and "HF_ENDPOINT" in result.stderr
+    assert "Traceback" not in result.stderr and files_under(tmp_path) == []
+
+
 def test_the_hub_answering_another_commit_for_a_pinned_commit_is_refused(
     hub: FakeHub, tmp_path: Path
 ) -> None:
