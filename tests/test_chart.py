@@ -183,6 +183,11 @@ MISSING = [
         id="two-key-sources",
     ),
     pytest.param(
+        merge(MINIMAL, {"server": {"env": {"REDIS_URL": "redis://r:6379/0"}}}),
+        "server.env.REDIS_URL: the chart sets REDIS_URL from its own values",
+        id="env-shadowing-a-value",
+    ),
+    pytest.param(
         merge(MINIMAL, {"metrics": {"perKey": {"enabled": True}}}),
         "metrics.perKey.scrapeKeySecret.name is required",
         id="per-key-without-scrape-key",

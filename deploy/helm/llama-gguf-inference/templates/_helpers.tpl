@@ -118,6 +118,11 @@ every template that depends on them, so no partial render gets past them.
 {{- if and $v.terminationGracePeriodSeconds (le (int $v.terminationGracePeriodSeconds) (add (int $v.preStopSleep) (int $v.drainTimeout))) }}
 {{- fail "terminationGracePeriodSeconds must exceed preStopSleep + drainTimeout, or in-flight requests are killed before the drain ends (leave it empty to derive it)" }}
 {{- end }}
+{{- range $name, $_ := $v.server.env }}
+{{- if has $name (list "DATA_DIR" "HOME" "PORT" "PORT_HEALTH" "DRAIN_TIMEOUT" "MODEL_REPO" "MODEL_REPO_FILE" "MODEL_REVISION" "MODEL_NAME" "MODEL_ALIAS" "HF_ENDPOINT" "HF_TOKEN" "API_KEYS" "AUTH_KEYS_FILE" "AUTH_ENABLED" "REDIS_URL" "METRICS_AUTH_ENABLED" "NGL" "CTX" "PARALLEL" "EXTRA_ARGS" "BACKENDS" "LOG_FORMAT" "LOG_LEVEL" "MAX_REQUESTS_PER_MINUTE" "MAX_CONCURRENT_REQUESTS" "MAX_QUEUE_SIZE" "QUEUE_TIMEOUT") }}
+{{- fail (printf "server.env.%s: the chart sets %s from its own values (see values.yaml); set it there" $name $name) }}
+{{- end }}
+{{- end }}
 {{- if and $v.metrics.perKey.enabled (not $v.metrics.perKey.scrapeKeySecret.name) }}
 {{- fail "metrics.perKey.scrapeKeySecret.name is required with metrics.perKey.enabled: /metrics then needs an admin-scope key to scrape" }}
 {{- end }}
