@@ -1,9 +1,10 @@
 """Turn a llama-server SSE stream back into the non-streaming JSON response.
 
-The gateway runs non-streaming chat and text completions as streams on the backend: a
-client that goes away then closes the stream, and llama-server stops generating at once
-(it keeps going on a non-streaming request whose client has gone). The client still gets
-the response llama-server would have sent: the same fields, content joined from the
+The gateway runs non-streaming completions (OpenAI chat and text, llama.cpp's native
+``/completion`` and ``/infill``) as streams on the backend: a client that goes away then
+closes the stream, and llama-server stops generating at once. The client still gets the
+response llama-server would have sent, in the route's own format (``assembler_for``
+chooses by the route's body format). OpenAI formats: the same fields, content joined from the
 deltas, tool calls merged by index, logprobs concatenated, usage and timings from the
 final chunk of each task. With several choices llama-server itself reports the first
 task's usage only; the assembled response reports the sum over all of them, as they were
@@ -22,7 +23,8 @@ import json
 import secrets
 from typing import Any
 
-from .sse import UsageTally
+from .routes import Form
+from .sse import UsageTally, usage_of
 
 # What one non-streaming response may hold while it is assembled. The whole body is
 # built from it at the end, so the peak is a few times this.
@@ -79,10 +81,10 @@ class _Choice:
 
 
 class Assembler:
-    """Accumulates stream chunks for ``/v1/chat/completions`` or ``/v1/completions``."""
+    """Accumulates OpenAI stream chunks: chat (``Form.CHAT``) or text completions."""
 
-    def __init__(self, path: str, tally: UsageTally) -> None:
-        self.chat = path == "/v1/chat/completions"
+    def __init__(self, form: Form, tally: UsageTally) -> None:
+        self.chat = form is Form.CHAT
         self.meta: dict[str, Any] = {}
         self.tally = tally
         self.usage: Any = None  # the one task's usage as llama-server wrote it
@@ -218,3 +220,91 @@ class Assembler:
         if self.timings is not None:
             response["timings"] = self.timings
         return response
+
+
+class _NativeTask:
+    """One task of a native completion: its pieces so far, and its final event."""
+
+    __slots__ = ("content", "tokens", "probs", "final")
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.tokens: list[Any] = []
+        self.probs: list[Any] | None = None
+        self.final: dict[str, Any] | None = None
+
+
+class NativeAssembler:
+    """Accumulates llama.cpp's own completion stream (``/completion``, ``/infill``).
+
+    Each event is one task's piece (``index``, ``content``, ``tokens``, ``stop: false``)
+    until its final event (``stop: true``) carrying everything else: timings, token
+    counts, generation_settings, stop_type... llama-server's non-streaming reply is that
+    final event with the whole content in it, and the token probabilities as one list;
+    one object for one task, a list ordered by index for several. Stream events always
+    carry token ids; the whole reply has them only when the client asked
+    (``return_tokens``).
+    """
+
+    def __init__(self, tally: UsageTally, return_tokens: bool = False) -> None:
+        self.tally = tally
+        self.return_tokens = return_tokens
+        self.tasks: dict[int, _NativeTask] = {}
+        self.finished = False
+        self.error: tuple[int, dict[str, Any]] | None = None
+
+    def add(self, payload: bytes) -> None:
+        if payload == b"[DONE]":  # not sent on native streams; harmless if it were
+            self.finished = True
+            return
+        event = json.loads(payload)
+        if not isinstance(event, dict):
+            raise ValueError("stream event is not a JSON object")
+        if "error" in event:
+            error = event["error"]
+            code = error.get("code") if isinstance(error, dict) else None
+            status = code if isinstance(code, int) and 400 <= code < 600 else 500
+            self.error = (status, event)
+            self.finished = True
+            return
+        index = event.get("index", 0)
+        task = self.tasks.get(index) if isinstance(index, int) else None
+        if task is None:
+            task = self.tasks[index if isinstance(index, int) else 0] = _NativeTask()
+        if isinstance(event.get("content"), str) and event["content"]:
+            task.content.append(event["content"])
+        if isinstance(event.get("tokens"), list):
+            task.tokens.extend(event["tokens"])
+        probs = event.get("completion_probabilities")
+        if isinstance(probs, list):
+            task.probs = (task.probs or []) + probs
+        if event.get("stop") is True:
+            task.final = event
+            usage = usage_of(event)
+            if usage is not None:
+                self.tally.add(usage)
+
+    def _task_result(self, task: _NativeTask) -> dict[str, Any]:
+        result = dict(task.final or {})
+        result["content"] = "".join(task.content)
+        result["tokens"] = task.tokens if self.return_tokens else []
+        settings = result.get("generation_settings")
+        if isinstance(settings, dict) and "stream" in settings:
+            # The client asked for a whole reply: its settings say so, as direct.
+            result["generation_settings"] = {**settings, "stream": False}
+        if task.probs is not None:
+            result["completion_probabilities"] = task.probs
+        return result
+
+    def result(self) -> Any:
+        results = [self._task_result(self.tasks[i]) for i in sorted(self.tasks)]
+        return results[0] if len(results) == 1 else results
+
+
+def assembler_for(
+    form: Form, tally: UsageTally, return_tokens: bool = False
+) -> Assembler | NativeAssembler:
+    """The assembler for a route's body format."""
+    if form in (Form.NATIVE, Form.INFILL):
+        return NativeAssembler(tally, return_tokens)
+    return Assembler(form, tally)

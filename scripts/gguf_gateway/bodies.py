@@ -8,7 +8,10 @@ Pure functions; a body that cannot be served raises a 400 :class:`Refusal` namin
   llama-server's JSON library frees nested values recursively;
 * media by remote URL (``image_url``, audio, files) while ALLOW_REMOTE_MEDIA is off:
   with a multimodal projector loaded llama-server fetches such URLs itself, from inside
-  the container (request forgery). ``data:`` URIs carry the bytes and pass;
+  the container (request forgery). ``data:`` URIs carry the bytes and pass. Only media
+  parts are looked at: the parts of a message's content (and the content inside those,
+  as in a tool result), never tool arguments, tool schemas or other fields that happen
+  to be named ``file``;
 * grammars and schemas past the bounds of grammars.py (llama-server's parsers recurse
   without a limit and crash the whole server);
 * more token alternatives per generated token than MAX_TOP_LOGPROBS: llama-server has
@@ -30,8 +33,13 @@ MAX_TOP_LOGPROBS = 20
 # llama-server's n_probs and the fields it reads as n_probs (logprobs on completions,
 # top_logprobs with "logprobs": true on chat).
 _PROBS_FIELDS = ("n_probs", "top_logprobs", "logprobs")
-# Keys under which OpenAI-, Responses- and Anthropic-style bodies carry media.
+# Keys under which OpenAI-, Responses- and Anthropic-style content parts carry media.
 _MEDIA_KEYS = ("image_url", "input_audio", "audio_url", "video_url", "file", "file_url")
+# Where a body holds content: chat messages, Responses input, Anthropic system blocks,
+# llama.cpp's multimodal embeddings and prompts.
+_CONTENT_HOLDERS = ("messages", "input", "system", "content", "prompt")
+# Inside a message or a part, what holds more content (a tool result's, an image's source).
+_NESTED_CONTENT = ("content", "source")
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -74,13 +82,28 @@ def inspect(payload: dict[str, Any], allow_remote_media: bool) -> None:
         if depth > MAX_DEPTH:
             raise bad_request(f"request body nests deeper than {MAX_DEPTH} levels", "body")
         if isinstance(value, dict):
-            if not allow_remote_media:
-                _check_media(value)
             stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    if not allow_remote_media:
+        for part in _content_parts(payload):
+            _check_media(part)
     grammars.check(payload)
     check_probs(payload)
+
+
+def _content_parts(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every message and content part of a body (media parts among them), nothing else."""
+    parts: list[dict[str, Any]] = []
+    stack: list[object] = [payload.get(name) for name in _CONTENT_HOLDERS]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            parts.append(value)
+            stack.extend(value.get(name) for name in _NESTED_CONTENT)
+    return parts
 
 
 def check_probs(payload: dict[str, Any]) -> None:

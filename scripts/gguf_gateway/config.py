@@ -198,6 +198,7 @@ class Config:
     drain_timeout: float = 8.0
 
     allow_remote_media: bool = False
+    allow_server_tools: bool = False  # /tools and /cors-proxy reach llama-server (admin)
     redis_url: str = ""  # empty: limits in memory, per replica
     redis_lease_seconds: float = 30.0
     cors_origins: tuple[str, ...] = ()
@@ -261,6 +262,7 @@ class Config:
             webui=_bool(env, "WEBUI", True),
             metrics_auth_enabled=_bool(env, "METRICS_AUTH_ENABLED", False),
             allow_remote_media=_bool(env, "ALLOW_REMOTE_MEDIA", False),
+            allow_server_tools=_bool(env, "ALLOW_SERVER_TOOLS", False),
             redis_url=_redis_url(env),
             redis_lease_seconds=_seconds(env, "REDIS_LEASE_SECONDS", 30.0),
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -14,13 +14,14 @@ channel, so reading from llama-server pauses until the client has drained).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from enum import Enum
 from typing import cast
 
 from .backend import BACKEND_LIMITS
 from .channel import RECEIVE_BUFFER, Channel, buffered_loop
 from .http11 import LAST_CHUNK, ChunkedDecoder, ChunkedScanner, HttpError, chunk
-from .sse import USAGE_MARK, UsageTally
+from .sse import UsageTally
 
 
 class PipeEvent(Enum):
@@ -56,7 +57,12 @@ class StreamPipe(asyncio.Protocol):
         self.decoder = ChunkedDecoder(BACKEND_LIMITS) if decode else None
         self._decode_buf = bytearray()
         self.tally = tally
+        # What marks a read that carries usage, in this stream's format.
+        self._mark = tally.mark if tally is not None else b""
         self.strip_usage = strip_usage
+        # Shown each read until it returns True (a completion id to remember); None
+        # for almost every stream.
+        self.watch: Callable[[bytes], bool] | None = None
         # Bytes of a read with usage in it, kept until the chunk it is in is complete.
         self._held = bytearray()
         self.sent = 0
@@ -85,10 +91,12 @@ class StreamPipe(asyncio.Protocol):
         if self.finished:
             return
         self.reads += 1
+        if self.watch is not None and self.watch(data):
+            self.watch = None
         # Usage is read from whole chunks only: a read that starts inside a chunk goes
         # through untallied (and the request keeps its reservation: never under-counted).
         hold = self._held or (
-            self.tally is not None and USAGE_MARK in data and self.scanner.at_boundary
+            self.tally is not None and self._mark in data and self.scanner.at_boundary
         )
         try:
             done = self.scanner.feed(data)

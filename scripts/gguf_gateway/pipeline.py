@@ -21,9 +21,12 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
-from . import bodies, model_scope, tokens, webui
+from . import bodies, model_scope, tenancy, tokens, webui
 from .access import AccessControl, Ticket
 from .backends import prefix_key
 from .client import ClientConnection, ClientGone
@@ -36,11 +39,15 @@ from .proxy import Forward, Relay, Shape
 from .readiness import LOADING, Readiness
 from .refusals import Refusal, bad_request, unavailable
 from .responses import Exchange, Responder
-from .routes import ADMIN_METRICS, ROUTES, Kind, Route
+from .routes import ADMIN_METRICS, ROUTES, Cost, Form, Kind, Route
+from .scrub import scrub_paths
+from .sse import NATIVE_MARK
 
 log = logging.getLogger("gateway")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# A slot file name: llama-server writes it under --slot-save-path; nothing path-like.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
 # Request ids: a random prefix per process and a counter, unique across replicas and
 # restarts without a random draw (a system call) per request.
 _ID_PREFIX = uuid.uuid4().hex[:12]
@@ -82,6 +89,8 @@ class Pipeline:
         self._probe_paths = (
             frozenset({"/ping", config.health_check_path}) if config.single_port else frozenset()
         )
+        # Which key each armed completion id went to (for the control route).
+        self.completions = tenancy.Completions()
         # One Host for every backend: llama-server does not route on it.
         self._backend_host = f"{config.backend_host}:{config.port_backend}"
         self._backend_auth = f"Bearer {config.backend_api_key}" if config.backend_api_key else ""
@@ -129,8 +138,9 @@ class Pipeline:
         if head.path in self._probe_paths and head.method in ("GET", "HEAD"):
             _no_body(head)
             return Outcome(self.endpoints.probe(out, head))
-        route = self.route_for(head.path)
-        if route is None:
+        found = ROUTES.path_of(head.path)
+        ui = found is None and self.config.webui and webui.is_ui_path(head.path)
+        if found is None and not ui:
             raise Refusal(404, f"no such endpoint: {head.path[:200]}", "not_found")
         origin = head.get("origin")
         out.ex.cors_headers = self.access.cors_headers(origin)
@@ -145,11 +155,21 @@ class Pipeline:
                 out.ex.refused = "cors"
             out.send(200, b"", content_type="text/html", keep_alive=keep)
             return Outcome(keep, linger=head.has_body)
-        if head.method not in route.methods:
-            allow = [("Allow", ", ".join(sorted(route.methods)))]
+        param: str | None = None
+        if found is None:
+            route, allowed = webui.UI_ROUTE, webui.UI_ROUTE.methods
+            line: Route | None = route if head.method in allowed else None
+        else:
+            table_path, param = found
+            line, allowed = ROUTES.route(table_path, head.method), ROUTES.methods(table_path)
+        if line is None:
             raise Refusal(
-                405, f"{head.method} is not allowed on {route.path}", "method", headers=allow
+                405,
+                f"{head.method} is not allowed on {head.path[:200]}",
+                "method",
+                headers=[("Allow", ", ".join(sorted(allowed)))],
             )
+        route = line
         if route.path == "/metrics" and self.config.metrics_auth_enabled:
             route = ADMIN_METRICS
         if route.kind is Kind.STATIC:
@@ -161,6 +181,11 @@ class Pipeline:
         key = self.access.authenticate(head, route, out) if self.config.auth_enabled else None
         if key is None:
             out.ex.key_id = "anonymous"
+        if route.cost is Cost.DISABLED and not self.config.allow_server_tools:
+            # As llama-server answers while its tools and CORS proxy are off.
+            raise Refusal(
+                403, "this feature is disabled", "feature_disabled", code="feature_disabled"
+            )
         if self.readiness.draining:
             raise unavailable("the server is shutting down", "draining", retry_after=1)
         if route.kind is Kind.LOCAL:
@@ -172,10 +197,10 @@ class Pipeline:
         if not self.readiness.ever_ready or self.readiness.backend == LOADING:
             raise unavailable("the model is still loading; retry shortly", "loading", 5)
         if key is None:
-            return await self._with_body(conn, head, route, out, None, None)
+            return await self._with_body(conn, head, route, param, out, None, None)
         ticket = await self.access.enter(key, self.access.limits_for(key), out)
         try:
-            return await self._with_body(conn, head, route, out, key, ticket)
+            return await self._with_body(conn, head, route, param, out, key, ticket)
         finally:
             await self.access.leave(ticket)
 
@@ -184,6 +209,7 @@ class Pipeline:
         conn: ClientConnection,
         head: RequestHead,
         route: Route,
+        param: str | None,
         out: Responder,
         key: ApiKey | None,
         ticket: Ticket | None,
@@ -194,7 +220,7 @@ class Pipeline:
         if key is not None:
             self.access.still_valid(key, ring)
         scoped = key is not None and key.models is not None
-        forward, plan = self._prepare(head, route, out, body, canonical=scoped)
+        forward, plan = self._prepare(head, route, param, out, body, canonical=scoped)
         if key is not None and key.models is not None:
             if route.lists_models:
                 forward = dataclasses.replace(forward, models=key.models)
@@ -226,7 +252,13 @@ class Pipeline:
         return out.send(200, body, keep_alive=head.keep_alive)
 
     def _prepare(
-        self, head: RequestHead, route: Route, out: Responder, body: bytes, canonical: bool = False
+        self,
+        head: RequestHead,
+        route: Route,
+        param: str | None,
+        out: Responder,
+        body: bytes,
+        canonical: bool = False,
     ) -> tuple[Forward, tokens.Plan]:
         """Check the body, plan its cost, and build the request llama-server will get.
 
@@ -238,7 +270,17 @@ class Pipeline:
         shape, strip_usage = Shape.PLAIN, False
         plan = tokens.Plan(1, slot_ctx)
         affinity: bytes | None = None
-        if head.method == "POST":
+        owner = out.ex.key_id
+        query = dict(parse_qsl(head.query, keep_blank_values=True)) if head.query else {}
+        headers: list[tuple[str, str]] = []
+        rewrite: Callable[[bytes], bytes] | None = scrub_paths if route.scrub else None
+        watch: tenancy.Watch | None = None
+        return_tokens = False
+        if route.form is Form.AUDIO:
+            # A multipart upload, not JSON: one task, up to the slot's context.
+            if not body:
+                raise bad_request("request body is empty: send the audio file", "body")
+        elif head.method == "POST":
             if not body:
                 raise bad_request("request body is empty: send a JSON object", "body")
             payload = bodies.parse_object(body)
@@ -246,34 +288,95 @@ class Pipeline:
             model = payload.get("model")
             out.ex.model = model if isinstance(model, str) else None
             if route.admitted:  # only requests that take a slot are planned and routed
-                plan = tokens.plan(route.path, payload, len(body), slot_ctx)
+                plan = tokens.plan(route.form, payload, len(body), slot_ctx)
                 if len(self.backends) > 1:
                     affinity = prefix_key(payload)
             changed = tokens.strip_server_fields(payload) or canonical
+            if route.form is Form.LOOKUP:
+                payload, changed = tenancy.lookup_body(owner, payload), True
+                rewrite = tenancy.lookup_reply(owner)
+            elif route.form is Form.CONTROL:
+                changed = tenancy.control_body(self.completions, owner, payload) or changed
             streamed = payload.get("stream") is True
             if streamed:
                 shape = Shape.STREAM
             if route.generation:
-                options = payload.get("stream_options")
-                asked = isinstance(options, dict) and options.get("include_usage") is True
-                # Usage is what token limits and metrics settle on: always ask for it,
-                # and drop the extra chunks from streams whose client did not. Non-streams
-                # run as streams so that a client leaving stops generation.
+                if route.form in (Form.NATIVE, Form.INFILL):
+                    # No usage object in llama.cpp's own format: each task's final event
+                    # carries its counts, and the stream_options of OpenAI do not apply.
+                    out.ex.tally.mark = NATIVE_MARK
+                    return_tokens = payload.get("return_tokens") is True
+                else:
+                    options = payload.get("stream_options")
+                    asked = isinstance(options, dict) and options.get("include_usage") is True
+                    # Usage is what token limits and metrics settle on: always ask for it,
+                    # and drop the extra chunks from streams whose client did not.
+                    payload["stream_options"] = {
+                        **(options if isinstance(options, dict) else {}),
+                        "include_usage": True,
+                    }
+                    strip_usage = streamed and not asked
+                # Non-streams run as streams so that a client leaving stops generation.
                 payload["stream"] = True
-                payload["stream_options"] = {
-                    **(options if isinstance(options, dict) else {}),
-                    "include_usage": True,
-                }
-                strip_usage = streamed and not asked
                 shape = Shape.STREAM if streamed else Shape.ASSEMBLED
                 changed = True
+                if payload.get("reasoning_control") is True:
+                    watch = self.completions.watcher(owner)
             if changed:
                 body = json.dumps(payload).encode()
-        request = self._backend_request(head, route, body, out.ex.request_id)
+        if route.cost is Cost.OWNED and "conv_id" in query:
+            query["conv_id"] = tenancy.conversation_id(owner, query["conv_id"], "conv_id")
+        if route.form is Form.EVENTS:
+            # An event stream of its own (a replay, model states): relayed as it comes.
+            shape = Shape.STREAM
+        conv = head.get("x-conversation-id")
+        if conv and route.cost is Cost.GENERATE:
+            headers.append(("X-Conversation-Id", tenancy.conversation_id(owner, conv)))
+        path = route.path
+        if route.form is Form.SLOT_ACTION and param is not None:
+            path, query = self._slot_action(route, param, query, body)
+        if self.readiness.router and not route.admitted:
+            # Router mode loads the model a request names: only requests that are
+            # admitted (and counted) may make it load one.
+            query["autoload"] = "false"
+        target = path + ("?" + urlencode(query) if query else "")
+        request = self._backend_request(head, target, body, out.ex.request_id, headers)
         forward = Forward(
-            request, shape, route.path, head.keep_alive, head.http11, strip_usage, affinity
+            request,
+            shape,
+            route.path,
+            head.keep_alive,
+            head.http11,
+            strip_usage,
+            affinity,
+            form=route.form,
+            rewrite=rewrite,
+            count_usage=route.form is not Form.EVENTS,
+            watch=watch,
+            return_tokens=return_tokens,
         )
         return forward, plan
+
+    @staticmethod
+    def _slot_action(
+        route: Route, slot: str, query: dict[str, str], body: bytes
+    ) -> tuple[str, dict[str, str]]:
+        """``POST /slots/{id}?action=``: a known action, on a plain file name only."""
+        action = query.get("action", "")
+        if action not in ("save", "restore", "erase"):
+            raise bad_request(
+                "action must be save, restore or erase", "slot_action", param="action"
+            )
+        if action != "erase":
+            filename = json.loads(body).get("filename") if body else None
+            if not isinstance(filename, str) or not _FILE_NAME.fullmatch(filename):
+                raise bad_request(
+                    "filename must be a plain file name (letters, digits, '.', '_', '-'; "
+                    "no path)",
+                    "slot_filename",
+                    param="filename",
+                )
+        return route.path.replace(":id_slot", slot), {"action": action}
 
     async def _admitted(
         self,
@@ -290,7 +393,7 @@ class Pipeline:
         most = min(admission.limit, self.backends.most_slots or admission.limit)
         slots = plan.tasks
         if slots > most:
-            if forward.path in tokens.INPUT_ONLY:
+            if forward.form in tokens.INPUT_ONLY:
                 # A batch of embeddings runs on every slot in turn: it takes them all.
                 slots = most
             else:
@@ -359,20 +462,26 @@ class Pipeline:
         return reserved
 
     def _backend_request(
-        self, head: RequestHead, route: Route, body: bytes, request_id: str
+        self,
+        head: RequestHead,
+        target: str,
+        body: bytes,
+        request_id: str,
+        forwarded: list[tuple[str, str]],
     ) -> bytes:
         """A fresh request: the route's own path, one Content-Length, the backend key.
 
         Nothing else of the client's head is copied, so its credentials and hop-by-hop
-        headers never reach llama-server.
+        headers never reach llama-server; ``forwarded`` are the headers it acts on, as
+        the gateway rewrote them.
         """
-        target = route.path + ("?" + head.query if head.query else "")
         headers = [("Host", self._backend_host)]
         if self._backend_auth:
             headers.append(("Authorization", self._backend_auth))
         if body:
             headers.append(("Content-Type", head.get("content-type") or "application/json"))
         headers.append(("X-Request-ID", request_id))
+        headers.extend(forwarded)
         return request_bytes(head.method, target, headers, body)
 
 

@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -37,6 +38,7 @@ from .pipe import BackendClosed, PipeEvent, StreamPipe, stream_pipe_type
 from .readiness import Readiness
 from .refusals import Refusal
 from .responses import Responder
+from .routes import Form
 from .sse import SseEvents
 from .webui import STATIC_HEADERS
 
@@ -64,12 +66,20 @@ class Forward:
 
     request: bytes  # the re-framed request, ready to write
     shape: Shape
-    path: str  # the route's path (the assembler needs to know chat from text)
+    path: str  # the route's path
     keep_alive: bool  # the client's connection may be reused afterwards
     http11: bool  # the client speaks HTTP/1.1 (chunked) rather than 1.0
     strip_usage: bool  # drop usage-only chunks the client did not ask for
     affinity: bytes | None = None  # the prompt's prefix key, for routing to a warm cache
     models: frozenset[str] | None = None  # a listing shows only these models (key's models=)
+    form: Form = Form.JSON  # the route's body format: which assembler rebuilds a reply
+    # A whole 200 reply's body, changed before the client gets it (paths removed, ids
+    # restored); None: forwarded as it is.
+    rewrite: Callable[[bytes], bytes] | None = None
+    count_usage: bool = True  # False: a replay of a stream whose usage was counted already
+    # Shown the reply's first reads until it returns True (a completion id to remember).
+    watch: Callable[[bytes], bool] | None = None
+    return_tokens: bool = False  # a native reply keeps its token ids (the client asked)
 
 
 def backend_failure(status: int, message: str, kind: str) -> Refusal:
@@ -140,7 +150,7 @@ class Relay:
         bconn, bhead = await leg.head(fwd.request, out)
         if fwd.shape is Shape.ASSEMBLED and bhead.status == 200 and bhead.chunked:
             return await leg.assembled(out, fwd, bconn)
-        return await leg.whole(out, bconn, bhead, fwd.keep_alive, fwd.models)
+        return await leg.whole(out, bconn, bhead, fwd.keep_alive, fwd.models, fwd.rewrite)
 
     async def static(
         self, out: Responder, request: bytes, backend: Backend, keep_alive: bool, head_only: bool
@@ -220,6 +230,7 @@ class _Leg:
         bhead: ResponseHead,
         keep: bool,
         models: frozenset[str] | None = None,
+        rewrite: Callable[[bytes], bytes] | None = None,
     ) -> bool:
         """Read and forward a whole response (also the backend's own error responses)."""
         try:
@@ -230,6 +241,8 @@ class _Leg:
             out.ex.tally.add_body(body)
             if models is not None:
                 body = filter_listing(body, models)
+            if rewrite is not None:
+                body = rewrite(body)
         extra = [("Retry-After", bhead.get("retry-after") or "5")] if bhead.status == 503 else None
         return out.send(
             bhead.status,
@@ -253,13 +266,16 @@ class _Leg:
     # ------------------------------------------------------------------ assembled
 
     async def assembled(self, out: Responder, fwd: Forward, bconn: BackendConnection) -> bool:
-        assembler = assemble.Assembler(fwd.path, out.ex.tally)
+        assembler = assemble.assembler_for(fwd.form, out.ex.tally, fwd.return_tokens)
         decoder = ChunkedDecoder(BACKEND_LIMITS)
         events = SseEvents()
         watchdog = IdleWatchdog(out.channel, self.config.stream_idle_timeout)
+        watch = fwd.watch
         try:
             while True:
                 for payload in events.feed(decoder.feed(bconn.buf)):
+                    if watch is not None and watch(payload):
+                        watch = None
                     assembler.add(payload)
                 if decoder.done or assembler.finished:
                     break
@@ -333,7 +349,7 @@ class _Leg:
 
         if bhead.status != 200 or not bhead.chunked:
             if not committed:
-                return await self.whole(out, bconn, bhead, fwd.keep_alive)
+                return await self.whole(out, bconn, bhead, fwd.keep_alive, fwd.models, fwd.rewrite)
             message = f"llama-server answered {bhead.status}"
             try:
                 body = await self._body(bconn, bhead)
@@ -354,9 +370,11 @@ class _Leg:
         """The hot path: hand the backend transport to a StreamPipe until the stream ends."""
         client = out.channel
         assert client.transport is not None and bconn.channel.transport is not None
+        tally = out.ex.tally if fwd.count_usage else None
         pipe = stream_pipe_type(client)(
-            client, decode=not fwd.http11, tally=out.ex.tally, strip_usage=fwd.strip_usage
+            client, decode=not fwd.http11, tally=tally, strip_usage=fwd.strip_usage
         )
+        pipe.watch = fwd.watch
         watchdog = IdleWatchdog(client, self.config.stream_idle_timeout, pipe)
         transport = bconn.channel.transport
         early = bconn.take_buffered()

@@ -13,6 +13,9 @@ import json
 from typing import Any
 
 USAGE_MARK = b'"usage":'
+# llama.cpp's native completion format has no usage object: a task's final event
+# (``"stop":true``; every other event says false) carries its token counts.
+NATIVE_MARK = b'"stop":true'
 # The extra chunk stream_options.include_usage adds: no choices, only usage.
 USAGE_ONLY = b'"choices":[]'
 
@@ -48,6 +51,8 @@ def usage_of(message: object) -> dict[str, Any] | None:
     """The usage object of one parsed event or response body, wherever its format puts it."""
     if not isinstance(message, dict):
         return None
+    if message.get("stop") is True and "tokens_evaluated" in message:
+        return _native_usage(message)
     usage = message.get("usage")
     if isinstance(usage, dict):
         return usage
@@ -59,20 +64,37 @@ def usage_of(message: object) -> dict[str, Any] | None:
     return None
 
 
+def _native_usage(final: dict[str, Any]) -> dict[str, Any]:
+    """A native final event's counts, in OpenAI's names (cache hits from its timings)."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": final.get("tokens_evaluated"),
+        "completion_tokens": final.get("tokens_predicted"),
+    }
+    timings = final.get("timings")
+    if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
+        usage["prompt_tokens_details"] = {"cached_tokens": timings["cache_n"]}
+    return usage
+
+
 def _int(usage: dict[str, Any], name: str) -> int | None:
     value = usage.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class UsageTally:
-    """The tokens llama-server reports for one request, summed over all its tasks."""
+    """The tokens llama-server reports for one request, summed over all its tasks.
 
-    __slots__ = ("prompt", "completion", "cached")
+    ``mark``: the bytes that only the events carrying usage contain, in the request's
+    format (USAGE_MARK, or NATIVE_MARK for llama.cpp's native completions).
+    """
+
+    __slots__ = ("prompt", "completion", "cached", "mark")
 
     def __init__(self) -> None:
         self.prompt: int | None = None
         self.completion: int | None = None
         self.cached: int | None = None
+        self.mark = USAGE_MARK
 
     def add(self, usage: dict[str, Any]) -> None:
         # OpenAI names, then Responses/Anthropic ones. Anthropic counts cache reads
@@ -103,7 +125,7 @@ class UsageTally:
 
     def add_body(self, body: bytes) -> None:
         """Usage from a whole JSON response body, if it has any."""
-        if USAGE_MARK not in body:
+        if self.mark not in body:
             return
         try:
             usage = usage_of(json.loads(body))
@@ -120,7 +142,7 @@ class UsageTally:
         events = payload.split(b"\n\n")
         kept: list[bytes] = []
         for event in events:
-            if USAGE_MARK in event:
+            if self.mark in event:
                 try:
                     usage = usage_of(json.loads(data_of(event)))
                 except ValueError:

@@ -30,20 +30,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from .refusals import bad_request
+from .routes import Form
 
 # llama-server's n_predict and its aliases, in its order of precedence.
 LENGTH_FIELDS = ("n_predict", "max_completion_tokens", "max_tokens")
 # What llama-server generates on /v1/messages when max_tokens is absent.
 MESSAGES_DEFAULT_MAX_TOKENS = 4096
-# Routes by how llama-server reads their bodies (its native paths beside the OpenAI ones).
-EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/embedding"})
-RERANK_PATHS = frozenset({"/v1/rerank", "/v1/reranking", "/rerank", "/reranking"})
-RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
-MESSAGES_PATHS = frozenset({"/v1/messages"})
-# Routes whose ``prompt`` may be a batch of prompts.
-BATCH_PROMPT_PATHS = frozenset({"/v1/completions", "/completions", "/completion"})
-# Routes that only read their input: no completion tokens.
-INPUT_ONLY = EMBEDDING_PATHS | RERANK_PATHS
+# Body formats (routes.py: the route table says which each path has) by how
+# llama-server reads them, its native formats beside the OpenAI ones.
+EMBEDDING_FORMS = frozenset({Form.EMBED, Form.EMBED_NATIVE})
+# Formats whose ``prompt`` may be a batch of prompts.
+BATCH_PROMPT_FORMS = frozenset({Form.TEXT, Form.NATIVE})
+# Formats that only read their input: no completion tokens.
+INPUT_ONLY = EMBEDDING_FORMS | {Form.RERANK, Form.DECISION}
 # Fields that would let a client steer llama-server's scheduling: dropped from bodies.
 SERVER_ONLY_FIELDS = ("id_slot",)
 MAX_CHOICES = 128
@@ -81,24 +80,24 @@ def _length(payload: dict[str, Any], name: str) -> int | None:
     return None if value == -1 else value
 
 
-def _length_fields(path: str, payload: dict[str, Any]) -> list[tuple[str, Any]]:
+def _length_fields(form: Form, payload: dict[str, Any]) -> list[tuple[str, Any]]:
     """The length fields llama-server's completion parser sees, in its order, by the
     names the client used."""
-    if path in MESSAGES_PATHS:
+    if form is Form.MESSAGES:
         # Rebuilt from a few known fields: max_tokens alone, 4096 when the key is absent
         # (a null one is passed on, and null means llama-server's default: no limit).
         return [("max_tokens", payload.get("max_tokens", MESSAGES_DEFAULT_MAX_TOKENS))]
     last = "max_tokens"
-    if path in RESPONSES_PATHS and "max_output_tokens" in payload:
+    if form is Form.RESPONSES and "max_output_tokens" in payload:
         # server-chat.cpp copies max_output_tokens over max_tokens, null included;
         # n_predict and max_completion_tokens pass unchanged and still come first.
         last = "max_output_tokens"
     return [(name, payload.get(name)) for name in (*LENGTH_FIELDS[:2], last)]
 
 
-def completion_cap(path: str, payload: dict[str, Any]) -> int | None:
+def completion_cap(form: Form, payload: dict[str, Any]) -> int | None:
     """The completion length llama-server will use, None for "up to the context"."""
-    for name, value in _length_fields(path, payload):
+    for name, value in _length_fields(form, payload):
         if value is not None:
             return _length({name: value}, name)
     return None
@@ -160,31 +159,35 @@ def check_rerank(payload: dict[str, Any]) -> None:
             raise bad_request(f"'top_n' must be between 0 and {2**31 - 1}", param="top_n")
 
 
-def plan(path: str, payload: object, body_bytes: int, slot_ctx: int) -> Plan:
-    """Slots and an upper bound of tokens for ``payload`` on ``path``.
+def plan(form: Form, payload: object, body_bytes: int, slot_ctx: int) -> Plan:
+    """Slots and an upper bound of tokens for ``payload`` in body format ``form``.
 
     ``slot_ctx`` is the context of one slot (llama-server's n_ctx per slot).
     """
     if not isinstance(payload, dict):
-        return Plan(1, min(body_bytes, slot_ctx) if path in INPUT_ONLY else slot_ctx)
-    if path in EMBEDDING_PATHS:
+        # Not JSON (an audio upload): one task, up to the slot's context.
+        return Plan(1, min(body_bytes, slot_ctx) if form in INPUT_ONLY else slot_ctx)
+    if form in EMBEDDING_FORMS:
         inputs = embedding_inputs(payload)
         tokens = min(body_bytes + _SPECIALS_PER_INPUT * inputs, inputs * slot_ctx)
         return Plan(inputs, tokens)
-    if path in RERANK_PATHS:
+    if form is Form.RERANK:
         check_rerank(payload)
         inputs = rerank_documents(payload)
         # Each document is scored together with the query: the query counts every time.
         tokens = min(inputs * (body_bytes + _SPECIALS_PER_INPUT), inputs * slot_ctx)
         return Plan(inputs, tokens)
-    if path in MESSAGES_PATHS:
+    if form is Form.DECISION:
+        # Questions scored over the state given: input only, within one slot's context.
+        return Plan(1, min(body_bytes + _SPECIALS_PER_INPUT, slot_ctx))
+    if form is Form.MESSAGES:
         # /v1/messages passes neither n nor a batch of prompts to llama-server.
-        cap = completion_cap(path, payload)
+        cap = completion_cap(form, payload)
         return Plan(1, slot_ctx if cap is None else min(slot_ctx, body_bytes + cap))
     tasks = choices(payload)
-    if path in BATCH_PROMPT_PATHS:
+    if form in BATCH_PROMPT_FORMS:
         tasks *= _batch_size(payload.get("prompt"))
-    cap = completion_cap(path, payload)
+    cap = completion_cap(form, payload)
     per_task = slot_ctx if cap is None else min(slot_ctx, body_bytes + cap)
     return Plan(tasks, tasks * per_task)
 

@@ -26,8 +26,12 @@ CHAT_TEMPLATE = (
 WORDS = ["hello", "world", "the", "a", "gguf", "llama", "server", "token", "stream", "test"]
 
 
-def vocabulary() -> tuple[list[bytes], list[float], list[int]]:
-    """`<unk>`, `<s>`, `</s>`, the 256 byte tokens, then a few whole words."""
+# Fill-in-the-middle control tokens, for /infill (llama-server refuses it without them).
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+def vocabulary(fim: bool = False) -> tuple[list[bytes], list[float], list[int]]:
+    """`<unk>`, `<s>`, `</s>`, the 256 byte tokens, a few whole words, then FIM tokens."""
     tokens: list[bytes] = [b"<unk>", b"<s>", b"</s>"]
     types = [
         gguf.TokenType.UNKNOWN,
@@ -41,6 +45,11 @@ def vocabulary() -> tuple[list[bytes], list[float], list[int]]:
         tokens.append(("\u2581" + word).encode())
         types.append(gguf.TokenType.NORMAL)
     scores = [0.0] * 259 + [-float(i) for i in range(len(WORDS))]
+    if fim:
+        for name in FIM_TOKENS:
+            tokens.append(name.encode())
+            types.append(gguf.TokenType.CONTROL)
+            scores.append(0.0)
     return tokens, scores, [int(t) for t in types]
 
 
@@ -56,11 +65,15 @@ def write_model(
     split_tensors: int = 0,
     seed: int = 0,
     chat_template: str = CHAT_TEMPLATE,
+    fim: bool = False,
 ) -> list[Path]:
-    """Write the model; returns the files written (several when split)."""
+    """Write the model; returns the files written (several when split).
+
+    ``fim``: add fill-in-the-middle tokens, so llama-server serves /infill.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tokens, scores, types = vocabulary()
+    tokens, scores, types = vocabulary(fim)
     dtype = np.float16 if f16 else np.float32
 
     writer = gguf.GGUFWriter(path, "llama", split_max_tensors=split_tensors)
@@ -83,6 +96,10 @@ def write_model(
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_chat_template(chat_template)
+    if fim:
+        first = len(tokens) - len(FIM_TOKENS)
+        for offset, part in enumerate(("pre", "suf", "mid")):
+            writer.add_uint32(f"tokenizer.ggml.fim_{part}_token_id", first + offset)
 
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(dtype)
@@ -124,6 +141,7 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=128)
     parser.add_argument("--f16", action="store_true")
     parser.add_argument("--split-tensors", type=int, default=0)
+    parser.add_argument("--fim", action="store_true", help="add fill-in-the-middle tokens")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     files = write_model(
@@ -134,6 +152,7 @@ def main() -> None:
         ffn=args.ffn,
         f16=args.f16,
         split_tensors=args.split_tensors,
+        fim=args.fim,
     )
     for file in files:
         print(file)

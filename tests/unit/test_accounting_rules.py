@@ -11,10 +11,18 @@ import pytest
 from gguf_gateway import bodies, tokens
 from gguf_gateway.limits import Admission, QueueFull, TokenWindow
 from gguf_gateway.refusals import Refusal
+from gguf_gateway.routes import ROUTES, Form
 from gguf_gateway.sse import UsageTally
 
 CTX = 1000
 CHAT = "/v1/chat/completions"
+
+
+def form_of(path: str) -> Form:
+    """The body format the route table gives ``path``."""
+    route = ROUTES.route(path, "POST")
+    assert route is not None
+    return route.form
 
 
 @pytest.mark.parametrize(
@@ -50,12 +58,30 @@ CHAT = "/v1/chat/completions"
             "/v1/embeddings", {"input": ["a", "b", "c", "d"]}, (4, 116), id="embedding-batch"
         ),
         pytest.param("/v1/rerank", {"documents": ["a", "b"]}, (2, 208), id="rerank"),
+        pytest.param("/rerank", {"texts": ["a", "b", "c"]}, (3, 312), id="rerank-tei-texts"),
+        pytest.param(
+            "/completion",
+            {"prompt": ["a", "b"], "n_predict": 10, "n_cmpl": 2},
+            (4, 440),
+            id="native-prompts-times-n_cmpl",
+        ),
+        pytest.param("/completions", {"n_predict": -1}, (1, CTX), id="native-no-cap"),
+        pytest.param(
+            "/infill",
+            {"input_prefix": "a", "input_suffix": "b", "max_tokens": 3},
+            (1, 103),
+            id="infill",
+        ),
+        pytest.param("/chat/completions", {"max_tokens": 9, "n": 2}, (2, 218), id="chat-no-v1"),
+        pytest.param("/responses", {"max_output_tokens": 1}, (1, 101), id="responses-no-v1"),
+        pytest.param("/embedding", {"content": ["a", "b"]}, (2, 108), id="native-content-batch"),
+        pytest.param("/embeddings", {"input": "a", "content": ["x", "y"]}, (1, 104), id="input"),
     ],
 )
 def test_plan_follows_llama_servers_reading_of_the_body(
     path: str, payload: dict[str, Any], expected: tuple[int, int]
 ) -> None:
-    plan = tokens.plan(path, payload, 100, CTX)
+    plan = tokens.plan(form_of(path), payload, 100, CTX)
     assert (plan.tasks, plan.tokens) == expected
 
 
@@ -73,7 +99,7 @@ def test_wrongly_typed_lengths_are_refused_naming_the_field(
     payload: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(Refusal) as caught:
-        tokens.plan(CHAT, payload, 10, CTX)
+        tokens.plan(Form.CHAT, payload, 10, CTX)
     assert caught.value.status == 400 and caught.value.param == param
 
 
@@ -130,7 +156,7 @@ BIG = 20000  # a slot context larger than /v1/messages' default length
 def test_plan_follows_aliases_and_replacements(
     path: str, payload: dict[str, Any], expected: tuple[int, int]
 ) -> None:
-    plan = tokens.plan(path, payload, 100, BIG)
+    plan = tokens.plan(form_of(path), payload, 100, BIG)
     assert (plan.tasks, plan.tokens) == expected
 
 
@@ -148,7 +174,7 @@ def test_values_llama_server_cannot_take_are_refused(
     path: str, payload: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(Refusal) as caught:
-        tokens.plan(path, payload, 10, CTX)
+        tokens.plan(form_of(path), payload, 10, CTX)
     assert caught.value.status == 400 and caught.value.param == param
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from gguf_gateway.assemble import MAX_ASSEMBLED_BYTES, Assembler, TooLarge
+from gguf_gateway.routes import Form
 from gguf_gateway.sse import SseEvents, UsageTally
 
 
@@ -33,7 +34,7 @@ META = {
 
 
 def test_tool_calls_reasoning_and_usage_are_merged() -> None:
-    assembler = Assembler("/v1/chat/completions", UsageTally())
+    assembler = Assembler(Form.CHAT, UsageTally())
     for payload in events(
         {**META, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
         {**META, "choices": [{"index": 0, "delta": {"reasoning_content": "think "}}]},
@@ -67,7 +68,7 @@ def test_tool_calls_reasoning_and_usage_are_merged() -> None:
 
 
 def test_several_choices_and_text_completions() -> None:
-    assembler = Assembler("/v1/completions", UsageTally())
+    assembler = Assembler(Form.TEXT, UsageTally())
     meta = {**META, "object": "text_completion"}
     for payload in events(
         {**meta, "choices": [{"index": 1, "text": "b", "finish_reason": None}]},
@@ -85,7 +86,7 @@ def test_several_choices_and_text_completions() -> None:
 
 
 def test_an_error_mid_stream_becomes_the_response() -> None:
-    assembler = Assembler("/v1/chat/completions", UsageTally())
+    assembler = Assembler(Form.CHAT, UsageTally())
     for payload in events(
         {**META, "choices": [{"index": 0, "delta": {"content": "x"}}]},
         {"error": {"code": 400, "message": "context full", "type": "exceed_context_size_error"}},
@@ -104,7 +105,7 @@ def logprob(token: str) -> dict[str, object]:
 
 
 def test_logprobs_are_kept_as_text_and_spliced_per_choice() -> None:
-    assembler = Assembler("/v1/chat/completions", UsageTally())
+    assembler = Assembler(Form.CHAT, UsageTally())
     for i in range(3):
         for index in (1, 0):
             # Generated text that looks like the splice marker must stay text.
@@ -123,7 +124,7 @@ def test_logprobs_are_kept_as_text_and_spliced_per_choice() -> None:
 
 
 def test_a_response_past_the_bound_is_refused_not_held() -> None:
-    assembler = Assembler("/v1/completions", UsageTally())
+    assembler = Assembler(Form.TEXT, UsageTally())
     piece = {"index": 0, "text": "x" * 1000, "logprobs": logprob("x" * 1000)}
     chunk = json.dumps({**META, "choices": [piece]}).encode()
     with pytest.raises(TooLarge, match='"stream": true'):
