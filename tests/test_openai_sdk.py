@@ -96,8 +96,8 @@ def test_unknown_path_is_404_json_and_never_forwarded(gateway: GatewayHandle) ->
     with pytest.raises(openai.NotFoundError) as caught:
         client(gateway).get("/nope", cast_to=object)
     assert caught.value.response.json()["error"]["type"] == "not_found_error"
-    # llama-server serves /completion; the gateway must not.
-    status, body = http_get(gateway.port, "/completion", {"Authorization": f"Bearer {ALICE}"})
+    # A path llama-server does not serve to clients (its own /v1/health) is not forwarded.
+    status, body = http_get(gateway.port, "/v1/health", {"Authorization": f"Bearer {ALICE}"})
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
 
 

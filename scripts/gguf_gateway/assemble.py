@@ -244,6 +244,10 @@ class NativeAssembler:
     one object for one task, a list ordered by index for several. Stream events always
     carry token ids; the whole reply has them only when the client asked
     (``return_tokens``).
+
+    One difference remains, and no rebuild can remove it: a stream never sends a last
+    token that ends inside a UTF-8 character (a length stop cutting one), which the whole
+    reply shows as U+FFFD replacement characters (and its id and probabilities).
     """
 
     def __init__(self, tally: UsageTally, return_tokens: bool = False) -> None:
@@ -258,6 +262,8 @@ class NativeAssembler:
             self.finished = True
             return
         event = json.loads(payload)
+        if event is None:
+            return  # llama-server opens a stream of several tasks with "data: null"
         if not isinstance(event, dict):
             raise ValueError("stream event is not a JSON object")
         if "error" in event:

@@ -68,7 +68,8 @@ class Form(Enum):
     MODELS = "models"  # a model listing: a key with models= sees only its own models
 
 
-# Formats whose non-streaming requests the gateway runs as streams and rebuilds.
+# Formats whose non-streaming requests the gateway runs as streams and rebuilds
+# (llama-server b11434 keeps generating a whole-reply request after its client has gone).
 ASSEMBLED = frozenset({Form.CHAT, Form.TEXT, Form.NATIVE, Form.INFILL})
 # Formats that name a model in their JSON body (router mode acts on it).
 MODEL_IN_BODY = "body"
