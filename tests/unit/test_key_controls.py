@@ -269,3 +269,18 @@ def test_priority_does_not_lift_a_keys_queue_share() -> None:
         await asyncio.gather(*waiting, return_exceptions=True)
 
     asyncio.run(run())
+
+
+# ------------------------------------------------------------------ start.sh counts API_KEYS
+
+
+def test_the_supervisors_no_key_check_counts_api_keys(tmp_path: Path) -> None:
+    from test_start_functions import sourced
+
+    env = {"DATA_DIR": str(tmp_path), "AUTH_KEYS_FILE": str(tmp_path / "absent.txt")}
+    none = sourced('load_facts; echo "keys=$KEY_COUNT"', env)
+    assert none.returncode == 2 and "API_KEYS" in none.stderr
+    env["API_KEYS"] = "a:sk-start-one;b:sk-start-two"
+    given = sourced('load_facts; echo "keys=$KEY_COUNT"', env)
+    assert given.returncode == 0, given.stderr
+    assert given.stdout.strip().endswith("keys=2")
