@@ -291,7 +291,9 @@ def test_two_replicas_share_a_daily_quota_exactly(
     make_gateway: GatewayFactory, tmp_path: Path, redis: RedisServer
 ) -> None:
     keys = tmp_path / "shared_quota_keys.txt"
-    keys.write_text("both:sk-shared-quota-00 daily_tokens=1200\n")
+    keys.write_text(
+        "".join(f"both{n}:sk-shared-quota-{n:02d} daily_tokens=1200\n" for n in range(3))
+    )
     replicas = [
         make_gateway(
             AUTH_KEYS_FILE=str(keys),
@@ -302,29 +304,45 @@ def test_two_replicas_share_a_daily_quota_exactly(
         )
         for i in range(2)
     ]
-    for gw in replicas:
-        wait_until(lambda: bool(health(gw)["limiter"]["shared"]), 10, "the shared limiter")
-    with ThreadPoolExecutor(16) as pool:
-        results = list(
-            pool.map(lambda i: chat(replicas[i % 2], "sk-shared-quota-00", 100), range(16))
-        )
-    served = [body["usage"]["total_tokens"] for status, _, body in results if status == 200]
-    assert served and len(served) < 16
-    assert sum(served) <= 1200
 
-    # Both replicas see the same spending, which is what their two ledgers hold together.
-    # (A request settles in Redis just after its client has the answer: wait for the last.)
-    def today(gw: GatewayHandle) -> int:
-        info = key_info(gw, "sk-shared-quota-00")
-        assert info["limiter"] == "redis"
-        return int(info["usage"]["tokens_today"])
+    def fallbacks() -> int:
+        """Times a replica went to its own limits: Redis missed its 100 ms budget."""
+        return sum(gw.proc.log().count("limits are per replica") for gw in replicas)
 
-    wait_until(lambda: today(replicas[0]) == sum(served), 10, "the last settlement")
-    assert today(replicas[1]) == sum(served)
-    for gw in replicas:
-        gw.proc.stop()  # flushes each ledger
-    logged = sum(charged(ledger(tmp_path / f"logs-{i}", "both")) for i in range(2))
-    assert logged == sum(served)
+    # The exact figures hold while Redis answers within its budget; on a loaded machine it
+    # may not, and the replicas then rightly limit on their own: that attempt does not count.
+    for attempt in range(3):
+        key, key_id = f"sk-shared-quota-{attempt:02d}", f"both{attempt}"
+        for gw in replicas:
+            wait_until(lambda: bool(health(gw)["limiter"]["shared"]), 15, "the shared limiter")
+        before = fallbacks()
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: chat(replicas[i % 2], key, 100), range(16)))
+        served = [body["usage"]["total_tokens"] for status, _, body in results if status == 200]
+
+        def today(gw: GatewayHandle) -> int | None:
+            info = key_info(gw, key)
+            return int(info["usage"]["tokens_today"]) if info["limiter"] == "redis" else None
+
+        # A request settles in Redis just after its client has the answer: wait for the last.
+        try:
+            wait_until(lambda: today(replicas[0]) == sum(served), 10, "the last settlement")
+        except TimeoutError:
+            if fallbacks() > before:
+                continue
+            raise
+        if fallbacks() > before:
+            continue
+        assert served and len(served) < 16
+        assert sum(served) <= 1200
+        # Both replicas see the same spending, which is what their two ledgers hold together.
+        assert today(replicas[1]) == sum(served)
+        for gw in replicas:
+            gw.proc.stop()  # flushes each ledger
+        logged = sum(charged(ledger(tmp_path / f"logs-{i}", key_id)) for i in range(2))
+        assert logged == sum(served)
+        return
+    pytest.skip("Redis missed its 100 ms budget in every attempt (a loaded machine)")
 
 
 def test_each_replica_keeps_the_quota_on_its_own_while_redis_is_down(

@@ -10,6 +10,7 @@ an SDK needs to react to it; the pipeline writes it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from .limits import (
     QuotaHold,
     Reservation,
     period_end,
+    period_of,
     stamp,
 )
 from .refusals import Refusal, retry_headers
@@ -64,9 +66,12 @@ class AccessControl:
         self.shared = shared  # REDIS_URL: limits shared by every replica
         self.key_limits: dict[str, KeyLimits] = {}
         self.clock = clock  # wall time, for the calendar quotas
-        # What the usage ledger says each key was charged today and this month, read
-        # once, when the first key with a quota is seen.
+        # What the usage ledger says each key was charged today and this month: read in a
+        # thread (a large ledger takes a second or more), started at start when a key has
+        # a quota; keys with a quota wait for it once, before their first reservation.
         self._charges: tuple[str, str, dict[str, tuple[int, int]]] | None = None
+        self._reading: asyncio.Future[tuple[str, str, dict[str, tuple[int, int]]]] | None = None
+        self._unseeded: set[str] = set()  # key ids whose quotas the ledger has not seeded
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         """Headers for an allowed browser origin; none for others (or without CORS_ORIGINS)."""
@@ -156,7 +161,8 @@ class AccessControl:
         limits = self.key_limits.get(key.key_id)
         if limits is None:
             limits = self.key_limits[key.key_id] = KeyLimits(*fields)
-            self._seed(key.key_id, limits)
+            if limits.quotas:
+                self._unseeded.add(key.key_id)
         elif limits.fields() != fields:
             quotas = set(limits.quotas)
             limits.update(*fields)
@@ -164,20 +170,37 @@ class AccessControl:
                 # A reload gave the key a quota: what it spent since the ledger was last
                 # read counts too.
                 self._charges = None
-                self._seed(key.key_id, limits)
+                self._unseeded.add(key.key_id)
         return limits
 
-    def _seed(self, key_id: str, limits: KeyLimits) -> None:
+    def read_ledger(self) -> None:
+        """Start reading the ledger's charges in a thread, if a key has a quota (at start)."""
+        if self._reading is None and any(k.has_quota for k in self.keys.current().keys):
+            path, wall = self.config.log_dir / LEDGER_NAME, self.clock()
+            self._reading = asyncio.ensure_future(asyncio.to_thread(charges, path, wall))
+
+    async def _seed(self, key_id: str, limits: KeyLimits) -> None:
         """Start a key's quotas from what the ledger says it was charged (restarts)."""
-        if not limits.quotas:
-            return
-        wall = self.clock()
         if self._charges is None:
-            self._charges = charges(self.config.log_dir / LEDGER_NAME, wall)
-            log.info(
-                "quotas: today's and this month's usage of %d key(s) read from the ledger",
-                len(self._charges[2]),
-            )
+            if self._reading is None:
+                path, wall = self.config.log_dir / LEDGER_NAME, self.clock()
+                self._reading = asyncio.ensure_future(asyncio.to_thread(charges, path, wall))
+            reading = self._reading
+            try:
+                got = await asyncio.shield(reading)
+            except Exception as exc:  # noqa: BLE001 - a ledger we cannot read is no history
+                log.error("quotas: cannot read the usage ledger (%s): counting from zero", exc)
+                got = (period_of(DAY, self.clock()), period_of(MONTH, self.clock()), {})
+            if self._reading is reading:
+                self._charges, self._reading = got, None
+                log.info(
+                    "quotas: today's and this month's usage of %d key(s) read from the ledger",
+                    len(got[2]),
+                )
+        if self._charges is None:
+            return  # invalidated again meanwhile (a reload): the next request seeds
+        self._unseeded.discard(key_id)
+        wall = self.clock()
         day, month, totals = self._charges
         today, this_month = totals.get(key_id, (0, 0))
         for kind, quota in limits.quotas.items():
@@ -207,6 +230,8 @@ class AccessControl:
         Each place is taken at its check: locally with no await in between, in Redis by
         one atomic script. The caller gives them back with ``leave`` whatever happens.
         """
+        if self._unseeded and key.key_id in self._unseeded:
+            await self._seed(key.key_id, limits)
         ticket = Ticket(key.key_id, limits)
         now = time.monotonic()
         shared = (
@@ -367,6 +392,8 @@ class AccessControl:
         With Redis the usage is every replica's (one script); else this replica's.
         """
         limits = self.limits_for(key)
+        if key.key_id in self._unseeded:
+            await self._seed(key.key_id, limits)
         now, wall = time.monotonic(), self.clock()
         requests = limits.requests.limit - limits.requests.remaining(now)
         tokens = limits.tokens.used(now) if limits.tokens is not None else None

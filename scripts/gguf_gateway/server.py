@@ -94,6 +94,7 @@ class Gateway:
     async def start(self) -> asyncio.Server:
         if self.shared is not None:
             self.shared.start()
+        self.pipeline.access.read_ledger()  # quotas' spending so far, while the model loads
         self._channel = channel_type()
         self._server = await asyncio.get_running_loop().create_server(
             self._accept, self.config.host, self.config.port, backlog=2048
