@@ -11,9 +11,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,6 +224,8 @@ def test_browser_enters_a_key_in_the_ui_and_gets_a_streamed_reply(
     ):
         options.add_argument(arg)
     options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    # The browser's network log: to see the chat's reply arrive as an event stream.
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     # Generous: two shared cores, a 10 MB bundle to parse, a model to run.
     wait = WebDriverWait(driver, 120)
@@ -250,12 +252,24 @@ def test_browser_enters_a_key_in_the_ui_and_gets_a_streamed_reply(
 
         wait.until(replied)
         driver.save_screenshot(str(shots / "3-reply.png"))
+        answers: dict[str, list[dict[str, Any]]] = {}
+        for entry in driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.responseReceived":
+                response = message["params"]["response"]
+                answers.setdefault(response["url"].split("?")[0], []).append(response)
     except Exception:
         driver.save_screenshot(str(shots / "failed.png"))
         raise
     finally:
         driver.quit()
-    # The reply came through the gateway, as a stream, under the key typed into the UI.
+    # The page asked /props without a key first (the 401 that brought up the prompt), and
+    # the chat's reply came as an event stream.
+    props = answers[ui_gateway.url + "/props"]
+    assert props[0]["status"] == 401 and any(r["status"] == 200 for r in props)
+    chat = answers[ui_gateway.url + "/v1/chat/completions"]
+    assert [(r["status"], r["mimeType"]) for r in chat] == [(200, "text/event-stream")]
+    # It came through the gateway under the key typed into the UI.
     ledger = Path(ui_gateway_log_dir(ui_gateway)) / "usage.jsonl"
     wait_until(lambda: ledger.exists() and "chat/completions" in ledger.read_text(), 10, "ledger")
     chats = [
