@@ -88,7 +88,8 @@ def _start_gateway(server: Any, backend_port: int) -> subprocess.Popen[bytes]:
         "MAX_REQUESTS_PER_MINUTE": "1000000",
         # llama-server's own default: any origin, or this machine's when tools run.
         "CORS_ORIGINS": server.cors_origins or ("localhost" if server.server_tools else "*"),
-        "ALLOW_SERVER_TOOLS": "true" if server.server_tools else "false",
+        # The server's tools or its CORS proxy (the UI's MCP proxy) turned on: allowed here too.
+        "ALLOW_SERVER_TOOLS": "true" if server.server_tools or server.ui_mcp_proxy else "false",
         "PYTHONUNBUFFERED": "1",
     }
     log = open(logs / f"gateway-{server.server_port}.log", "ab")
