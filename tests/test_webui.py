@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ALICE, BACKEND_KEY, OPS, Backend, GatewayHandle, gateway_env
+from conftest import ALICE, BACKEND_KEY, Backend, GatewayHandle, gateway_env
 from support.llama_sdist import Unavailable, webui_dir
 from support.procs import start_gateway, start_llama_server, wait_until
 
@@ -161,7 +161,7 @@ def test_api_behind_the_ui_needs_a_key(ui_gateway: GatewayHandle) -> None:
     assert json.loads(body)["error"]["type"] == "authentication_error"
     for path in ("/v1/models", "/slots"):
         assert fetch(ui_gateway.port, "GET", path)[0] == 401
-    status, _, body = fetch(ui_gateway.port, "GET", "/props", {"Authorization": f"Bearer {OPS}"})
+    status, _, body = fetch(ui_gateway.port, "GET", "/props", {"Authorization": f"Bearer {ALICE}"})
     assert status == 200, body
     # Paths that only look like files outside the UI's shape are not forwarded.
     for path in ("/_app/../props", "/.env", "/_app/%2e%2e/props", "/props.gguf"):
@@ -237,7 +237,7 @@ def test_browser_enters_a_key_in_the_ui_and_gets_a_streamed_reply(
         driver.save_screenshot(str(shots / "1-key-prompt.png"))
         prompt.click()
         field = wait.until(ec.visibility_of_element_located((By.ID, "api-key-input")))
-        field.send_keys(OPS)
+        field.send_keys(ALICE)
         driver.find_element(By.XPATH, "//button[contains(., 'Save & Retry')]").click()
         box = wait.until(ec.element_to_be_clickable((By.TAG_NAME, "textarea")))
         driver.save_screenshot(str(shots / "2-chat.png"))
@@ -278,7 +278,7 @@ def test_browser_enters_a_key_in_the_ui_and_gets_a_streamed_reply(
         if '"/v1/chat/completions"' in line
     ]
     assert any(
-        c["key_id"] == "ops" and c["status"] == 200 and c["completion_tokens"] for c in chats
+        c["key_id"] == "alice" and c["status"] == 200 and c["completion_tokens"] for c in chats
     ), chats
     print(f"screenshots: {shots}")
 
