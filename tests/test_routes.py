@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import json
 import re
 import socket
@@ -22,7 +23,15 @@ import pytest
 
 from conftest import BACKEND_KEY, Backend, GatewayHandle, gateway_env
 from support.make_model import write_model
-from support.procs import start_gateway, start_llama_server, wait_until
+from support.procs import (
+    Process,
+    answers,
+    free_port,
+    llama_server_bin,
+    start_gateway,
+    start_llama_server,
+    wait_until,
+)
 
 ALICE = "sk-routes-alice-000000000"
 BOB = "sk-routes-bob-0000000000000"
@@ -100,7 +109,8 @@ def both(
     return (direct[0], direct[2]), (through[0], through[2])
 
 
-CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+HELLO = {"role": "user", "content": "hello"}
+CHAT: dict[str, Any] = {"messages": [HELLO], "max_tokens": 3}
 PROMPT = {"prompt": "hello world", "n_predict": 3}
 INFILL = {"input_prefix": "def f(", "input_suffix": "):\n", "n_predict": 3}
 AUDIO = (
@@ -507,3 +517,69 @@ def test_unknown_paths_and_methods(gw: GatewayHandle) -> None:
     assert call(gw.port, "POST", "/v1/nothing", ALICE, {})[0] == 404
     status, headers, _ = call(gw.port, "DELETE", "/props", OPS)
     assert status == 405 and headers["allow"] == "GET, POST"
+
+
+@pytest.fixture(scope="module")
+def router_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    """llama-server in router mode over two models, none loaded, and a gateway in front."""
+    root = tmp_path_factory.mktemp("router")
+    models = root / "models"
+    for name in ("alpha", "beta"):
+        write_model(models / f"{name}.gguf", fim=True)
+    keys = root / "keys.txt"
+    keys.write_text(f"alice:{ALICE}\nops:{OPS} scopes=inference,admin\n")
+    port = free_port()
+    args = [
+        llama_server_bin(),
+        "--models-dir", str(models),
+        "--models-max", "2",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--api-key", BACKEND_KEY,
+        "-c", "2048",
+        "--threads", "1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    proc = Process(args, env, root / "llama-server.log").start()
+    try:
+        wait_until(lambda: answers(port, "/health") or not proc.alive(), 60, "the router")
+        assert proc.alive(), proc.log()[-3000:]
+        gw_proc, gw_port = start_gateway(gateway_env(port, keys), root / "gateway.log")
+        try:
+            yield GatewayHandle(gw_proc, gw_port, Backend(proc, port, BACKEND_KEY, models))
+        finally:
+            gw_proc.stop()
+    finally:
+        proc.stop()
+
+
+def model_states(gw: GatewayHandle) -> dict[str, str]:
+    status, _, body = call(gw.backend.port, "GET", "/models", BACKEND_KEY)
+    assert status == 200
+    return {m["id"]: m["status"]["value"] for m in json.loads(body)["data"]}
+
+
+def test_router_mode_loads_models_for_admitted_requests_only(router_gw: GatewayHandle) -> None:
+    gw = router_gw
+    assert model_states(gw) == {"alpha": "unloaded", "beta": "unloaded"}
+    unadmitted: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("POST", "/tokenize", {"model": "beta", "content": "hi"}),
+        ("POST", "/apply-template", {"model": "beta", "messages": [HELLO]}),
+        ("POST", "/v1/messages/count_tokens", {"model": "beta", "messages": []}),
+        ("GET", "/props?model=beta&autoload=true", None),
+        ("GET", "/lora-adapters?model=beta", None),
+    ]
+    for method, path, payload in unadmitted:
+        status, _, body = call(gw.port, method, path, ALICE, payload)
+        assert status == 400 and b"not loaded" in body, (path, body)
+    assert model_states(gw)["beta"] == "unloaded"
+    # The listing leaves out each model's command line (its paths).
+    status, _, body = call(gw.port, "GET", "/models", ALICE)
+    assert status == 200 and b'"args"' not in body and str(gw.backend.model) not in body.decode()
+    # A generation, admitted and counted, may load it.
+    payload = {"model": "beta", "prompt": "hello", "n_predict": 2}
+    status, _, body = call(gw.port, "POST", "/completion", ALICE, payload, timeout=120)
+    assert status == 200, body
+    assert model_states(gw)["beta"] == "loaded"
+    status, _, body = call(gw.port, "POST", "/tokenize", ALICE, {"model": "beta", "content": "a"})
+    assert status == 200 and json.loads(body)["tokens"]
