@@ -583,3 +583,30 @@ def test_router_mode_loads_models_for_admitted_requests_only(router_gw: GatewayH
     assert model_states(gw)["beta"] == "loaded"
     status, _, body = call(gw.port, "POST", "/tokenize", ALICE, {"model": "beta", "content": "a"})
     assert status == 200 and json.loads(body)["tokens"]
+
+
+def test_a_resumable_stream_left_by_its_client_keeps_the_keys_concurrency(
+    gw: GatewayHandle,
+) -> None:
+    # llama-server keeps generating a stream sent with X-Conversation-Id after its client
+    # has gone (for a resume): the key's one request at a time stays taken meanwhile.
+    payload = {"prompt": "hi", "n_predict": 16000, "ignore_eos": True, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
+    headers = {"Authorization": f"Bearer {ONE}", "X-Conversation-Id": "left-behind"}
+    conn.request("POST", "/completion", json.dumps(payload).encode(), headers)
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline()
+    conn.close()  # the client leaves; the generation goes on
+    lookup = {"conversation_ids": ["left-behind"]}
+    sessions = json.loads(call(gw.port, "POST", "/v1/streams/lookup", ONE, lookup)[2])
+    assert [s["is_done"] for s in sessions] == [False]
+    assert gw.backend.busy_slots() == 1
+    status, headers_, _ = call(gw.port, "POST", "/completion", ONE, PROMPT)
+    assert status == 429 and headers_["retry-after"] == "1"
+    # Stopped by its owner: the slot and the key's concurrency come back.
+    assert call(gw.port, "DELETE", "/v1/stream?conv_id=left-behind", ONE)[0] == 204
+    wait_until(
+        lambda: call(gw.port, "POST", "/completion", ONE, PROMPT)[0] == 200,
+        30,
+        "the key's concurrency to come back",
+    )

@@ -224,11 +224,15 @@ class AccessControl:
         elif not any(key.may_use(name) for name in served):
             raise _no_such_model(model if model is not None else ",".join(served))
 
-    async def enter(self, key: ApiKey, limits: KeyLimits, out: Responder) -> Ticket:
+    async def enter(
+        self, key: ApiKey, limits: KeyLimits, out: Responder, concurrent: bool = True
+    ) -> Ticket:
         """Count the request against the key's rate and take a concurrent place, or refuse.
 
         Each place is taken at its check: locally with no await in between, in Redis by
         one atomic script. The caller gives them back with ``leave`` whatever happens.
+        ``concurrent=False``: a request that acts on one the key is running (stop it,
+        steer it, replay it) takes no place, or a key at its limit could not reach them.
         """
         if self._unseeded and key.key_id in self._unseeded:
             await self._seed(key.key_id, limits)
@@ -254,6 +258,8 @@ class AccessControl:
                 "rate",
                 headers=retry_headers(wait),
             )
+        if not concurrent:
+            return ticket
         if limits.concurrency is not None and self.shared is not None:
             lease = await self.shared.enter(key.key_id, limits.concurrency)
             if lease is False:

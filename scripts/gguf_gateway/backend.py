@@ -190,18 +190,27 @@ async def simple_get(
     host: str, port: int, path: str, api_key: str, timeout: float
 ) -> tuple[int, bytes]:
     """One GET on a fresh connection, for the readiness monitor."""
+    return await simple_request(host, port, "GET", path, api_key, timeout)
+
+
+async def simple_request(
+    host: str, port: int, method: str, path: str, api_key: str, timeout: float, body: bytes = b""
+) -> tuple[int, bytes]:
+    """One request on a fresh connection, for the gateway's own questions to llama-server."""
     pool = BackendPool(host, port, timeout)
-    headers = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+    headers = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
     if api_key:
         headers += f"Authorization: Bearer {api_key}\r\n"
+    if body:
+        headers += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     async with asyncio.timeout(timeout):
         conn = await pool.connect()
         try:
-            conn.channel.write((headers + "\r\n").encode("latin-1"))
+            conn.channel.write((headers + "\r\n").encode("latin-1") + body)
             head = await conn.read_head()
-            body = await conn.read_body(head)
+            answer = await conn.read_body(head)
         except (HttpError, ConnectionError) as exc:
             raise BackendUnavailable(str(exc)) from None
         finally:
             conn.close()
-    return head.status, body
+    return head.status, answer

@@ -28,7 +28,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from . import bodies, model_scope, tenancy, tokens, webui
 from .access import AccessControl, Ticket
-from .backends import prefix_key
+from .backend import BackendUnavailable, simple_request
+from .backends import Backend, prefix_key
 from .client import ClientConnection, ClientGone
 from .config import Config
 from .endpoints import LocalEndpoints
@@ -52,6 +53,10 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
 # restarts without a random draw (a system call) per request.
 _ID_PREFIX = uuid.uuid4().hex[:12]
 _ID_COUNTER = itertools.count(1)
+# How often a resumable stream whose client left is asked about (llama-server's own
+# polling of its HTTP connections is every second too).
+SESSION_POLL_SECONDS = 1.0
+BACKEND_QUESTION_TIMEOUT = 5.0
 
 
 def new_request_id() -> str:
@@ -198,7 +203,8 @@ class Pipeline:
             raise unavailable("the model is still loading; retry shortly", "loading", 5)
         if key is None:
             return await self._with_body(conn, head, route, param, out, None, None)
-        ticket = await self.access.enter(key, self.access.limits_for(key), out)
+        limits = self.access.limits_for(key)
+        ticket = await self.access.enter(key, limits, out, route.cost is not Cost.OWNED)
         try:
             return await self._with_body(conn, head, route, param, out, key, ticket)
         finally:
@@ -330,8 +336,10 @@ class Pipeline:
             # An event stream of its own (a replay, model states): relayed as it comes.
             shape = Shape.STREAM
         conv = head.get("x-conversation-id")
+        session: str | None = None
         if conv and route.cost is Cost.GENERATE:
-            headers.append(("X-Conversation-Id", tenancy.conversation_id(owner, conv)))
+            session = tenancy.conversation_id(owner, conv)
+            headers.append(("X-Conversation-Id", session))
         path = route.path
         if route.form is Form.SLOT_ACTION and param is not None:
             path, query = self._slot_action(route, param, query, body)
@@ -353,6 +361,7 @@ class Pipeline:
             rewrite=rewrite,
             count_usage=route.form is not Form.EVENTS,
             watch=watch,
+            session=session,
             return_tokens=return_tokens,
         )
         return forward, plan
@@ -420,6 +429,12 @@ class Pipeline:
             backend = self.backends.pick(slots, forward.affinity)
             try:
                 return await self.relay.run(out, forward, backend)
+            except asyncio.CancelledError:
+                if not (watch.gone and forward.session):
+                    raise
+                task.uncancel()
+                await self._detached(backend, forward.session)
+                raise ClientGone() from None
             finally:
                 self.backends.release(backend, slots)
                 admission.release(slots)
@@ -448,6 +463,36 @@ class Pipeline:
         return await self.relay.static(
             out, request, self.backends.any(), head.keep_alive, head.method == "HEAD"
         )
+
+    async def _detached(self, backend: Backend, session: str) -> None:
+        """Wait for a resumable stream whose client has left to end.
+
+        llama-server keeps generating it into its buffer (for a resume), so its slots and
+        the key's concurrency stay taken until it is done: a key cannot start streams,
+        leave them and so run more at once than it may.
+        """
+        body = json.dumps({"conversation_ids": [session]}).encode()
+        while True:
+            try:
+                status, answer = await simple_request(
+                    self.config.backend_host,
+                    backend.port,
+                    "POST",
+                    "/v1/streams/lookup",
+                    self.config.backend_api_key,
+                    BACKEND_QUESTION_TIMEOUT,
+                    body,
+                )
+                sessions = json.loads(answer) if status == 200 else None
+            except (BackendUnavailable, TimeoutError, ValueError):
+                return  # llama-server cannot say: nothing left to hold the slots for
+            running = isinstance(sessions, list) and any(
+                isinstance(s, dict) and s.get("conversation_id") == session and not s.get("is_done")
+                for s in sessions
+            )
+            if not running:
+                return
+            await asyncio.sleep(SESSION_POLL_SECONDS)
 
     @staticmethod
     def _settled(ex: Exchange, reserved: int) -> int:

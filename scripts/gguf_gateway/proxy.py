@@ -79,6 +79,8 @@ class Forward:
     count_usage: bool = True  # False: a replay of a stream whose usage was counted already
     # Shown the reply's first reads until it returns True (a completion id to remember).
     watch: Callable[[bytes], bool] | None = None
+    # The request's resumable-stream id as llama-server knows it (X-Conversation-Id).
+    session: str | None = None
     return_tokens: bool = False  # a native reply keeps its token ids (the client asked)
 
 
