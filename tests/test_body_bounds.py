@@ -110,6 +110,12 @@ def test_other_crashing_grammar_inputs_are_refused_naming_the_field(
     assert own_stack.backend.proc.alive()
 
 
+def rss_now(pid: int) -> int:
+    """The resident size in KiB, with the peak (VmHWM) reset to it."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux: resets VmHWM to VmRSS
+    return rss_kib(pid, "VmRSS")
+
+
 def rss_kib(pid: int, field: str) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     match = re.search(rf"^{field}:\s+(\d+) kB", status, re.M)
@@ -130,7 +136,7 @@ def test_logprobs_cannot_swell_the_gateway(own_stack: GatewayHandle) -> None:
     # it outgrows the bound, and the gateway's memory stays near where it was.
     status, _, answer = post(gw.port, "/v1/chat/completions", ALICE, {**ask, "top_logprobs": 20})
     assert status == 200 and json.loads(answer)["choices"][0]["logprobs"]["content"], answer
-    before = rss_kib(gw.proc.pid, "VmRSS")
+    before = rss_now(gw.proc.pid)
     big = {**ask, "top_logprobs": 20, "n": 4, "max_tokens": 6000, "ignore_eos": True}
     status, headers, answer = post(gw.port, "/v1/chat/completions", ALICE, big, timeout=300)
     grown_mib = (rss_kib(gw.proc.pid, "VmHWM") - before) / 1024
@@ -138,6 +144,16 @@ def test_logprobs_cannot_swell_the_gateway(own_stack: GatewayHandle) -> None:
     assert status == 502, (status, answer[:300])
     error = json.loads(answer)["error"]
     assert "stream" in error["message"] and headers["x-should-retry"] == "false"
+    # One choice of 8,000 tokens fits (about 8.5 MiB as JSON): its logprobs are held as
+    # the text they came as, not parsed (which took about 100 MiB here).
+    before = rss_now(gw.proc.pid)
+    one = {**big, "n": 1, "max_tokens": 8000}
+    status, _, answer = post(gw.port, "/v1/chat/completions", ALICE, one, timeout=300)
+    grown_mib = (rss_kib(gw.proc.pid, "VmHWM") - before) / 1024
+    assert status == 200 and len(answer) > 8_000_000, (status, answer[:300])
+    whole = json.loads(answer)
+    assert whole["usage"]["completion_tokens"] == 8000 and whole["choices"][0]["logprobs"]
+    assert grown_mib < 70, f"the gateway grew by {grown_mib:.0f} MiB for {len(answer)} bytes"
     # The same request as a stream is relayed, not held.
     status, _, answer = post(
         gw.port, "/v1/chat/completions", ALICE, {**big, "n": 1, "stream": True}, timeout=300

@@ -36,6 +36,85 @@ _PIECE_OVERHEAD = 64
 class TooLarge(Exception):
     """The response would hold more than MAX_ASSEMBLED_BYTES."""
 
+    def __init__(self) -> None:
+        super().__init__(
+            f"the response outgrew the {MAX_ASSEMBLED_BYTES} bytes the gateway assembles "
+            'for a non-streaming request: ask for it with "stream": true'
+        )
+
+
+class Budget:
+    """What one assembled response holds, counted as it arrives."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        self.held += size
+        if self.held > MAX_ASSEMBLED_BYTES:
+            raise TooLarge()
+
+    def keep(self, pieces: list[str], text: str) -> None:
+        pieces.append(text)
+        self.take(len(text) + _PIECE_OVERHEAD)
+
+
+class JsonLists:
+    """Lists kept as the JSON text they arrived as, one per key, spliced into the response.
+
+    Parsed, token probabilities took about six times the memory of their text. The
+    response is built with a marker string in each list's place; ``dumps`` then puts the
+    list's text where the marker's JSON string is. A marker is a NUL (escaped in JSON)
+    and a random nonce, which no generated text can hold.
+    """
+
+    __slots__ = ("budget", "lists", "_nonce")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.lists: dict[int, list[str]] = {}
+        self._nonce = ""
+
+    def extend(self, key: int, items: list[Any]) -> None:
+        pieces = self.lists.setdefault(key, [])
+        if items:
+            self.budget.keep(pieces, json.dumps(items, ensure_ascii=False)[1:-1])
+
+    def marker(self, key: int) -> str | None:
+        """What stands for list ``key`` in the response; None when there is no such list."""
+        if key not in self.lists:
+            return None
+        if not self._nonce:
+            self._nonce = secrets.token_hex(8)
+        return f"\x00{self._nonce}-{key}"
+
+    def dumps(self, response: Any) -> bytes:
+        """``response`` as JSON bytes, each marker replaced by its list.
+
+        The lists' text goes straight into the output piece by piece (no joined copy of
+        it), so the peak is what is held plus the body once more.
+        """
+        text = json.dumps(response, ensure_ascii=False)
+        if not self._nonce:
+            return text.encode()
+        mark = f'"\\u0000{self._nonce}-'
+        out: list[bytes] = []
+        start = 0
+        while (at := text.find(mark, start)) >= 0:
+            out.append(text[start:at].encode())
+            end = text.index('"', at + len(mark))
+            out.append(b"[")
+            for i, piece in enumerate(self.lists[int(text[at + len(mark) : end])]):
+                if i:
+                    out.append(b", ")
+                out.append(piece.encode())
+            out.append(b"]")
+            start = end + 1
+        out.append(text[start:].encode())
+        return b"".join(out)
+
 
 class _Choice:
     def __init__(self, index: int) -> None:
@@ -43,21 +122,7 @@ class _Choice:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
-        # The logprob entries of each chunk as JSON text, without the list's brackets.
-        self.logprobs: list[str] | None = None
         self.finish_reason: str | None = None
-
-    def add_logprobs(self, logprobs: Any) -> int:
-        """Keep a chunk's logprob entries; returns what they hold."""
-        if not (isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list)):
-            return 0
-        if self.logprobs is None:
-            self.logprobs = []
-        if not logprobs["content"]:
-            return 0
-        text = json.dumps(logprobs["content"], ensure_ascii=False)[1:-1]
-        self.logprobs.append(text)
-        return len(text) + _PIECE_OVERHEAD
 
     def add_tool_calls(self, deltas: list[dict[str, Any]]) -> int:
         held = 0
@@ -93,12 +158,9 @@ class Assembler:
         self.choices: dict[int, _Choice] = {}
         self.finished = False
         self.error: tuple[int, dict[str, Any]] | None = None
-        self.held = 0
-        self._nonce = ""
-
-    def _keep(self, pieces: list[str], text: str) -> None:
-        pieces.append(text)
-        self.held += len(text) + _PIECE_OVERHEAD
+        self.budget = Budget()
+        # Each choice's logprob entries, by choice index.
+        self.logprobs = JsonLists(self.budget)
 
     def add(self, payload: bytes) -> None:
         """Take one SSE payload; raises TooLarge once the response outgrows its bound."""
@@ -131,29 +193,23 @@ class Assembler:
                 choice = self.choices[index] = _Choice(index)
             if raw.get("finish_reason") is not None:
                 choice.finish_reason = raw["finish_reason"]
-            if raw.get("logprobs") is not None:
-                self.held += choice.add_logprobs(raw["logprobs"])
+            logprobs = raw.get("logprobs")
+            if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+                self.logprobs.extend(index, logprobs["content"])
             if self.chat:
                 delta = raw.get("delta") or {}
                 if delta.get("content"):
-                    self._keep(choice.content, delta["content"])
+                    self.budget.keep(choice.content, delta["content"])
                 if delta.get("reasoning_content"):
-                    self._keep(choice.reasoning, delta["reasoning_content"])
+                    self.budget.keep(choice.reasoning, delta["reasoning_content"])
                 if delta.get("tool_calls"):
-                    self.held += choice.add_tool_calls(delta["tool_calls"])
+                    self.budget.take(choice.add_tool_calls(delta["tool_calls"]))
             elif raw.get("text"):
-                self._keep(choice.content, raw["text"])
-        if self.held > MAX_ASSEMBLED_BYTES:
-            raise TooLarge(
-                f"the response outgrew the {MAX_ASSEMBLED_BYTES} bytes the gateway assembles "
-                'for a non-streaming request: ask for it with "stream": true'
-            )
+                self.budget.keep(choice.content, raw["text"])
 
     def _logprobs(self, choice: _Choice) -> Any:
-        """A marker the response's text carries where this choice's logprobs go."""
-        if choice.logprobs is None:
-            return None
-        return {"content": f"\x00{self._nonce}-{choice.index}"}
+        marker = self.logprobs.marker(choice.index)
+        return None if marker is None else {"content": marker}
 
     def _chat_choice(self, choice: _Choice) -> dict[str, Any]:
         content = "".join(choice.content)
@@ -169,7 +225,7 @@ class Assembler:
             "index": choice.index,
             "message": message,
         }
-        if choice.logprobs is not None:
+        if choice.index in self.logprobs.lists:
             out["logprobs"] = self._logprobs(choice)
         return out
 
@@ -188,19 +244,7 @@ class Assembler:
 
     def body(self) -> bytes:
         """The response's JSON text, with each choice's logprobs spliced in."""
-        # A marker no generated text can hold: a NUL (escaped in JSON) and a random nonce.
-        self._nonce = secrets.token_hex(8)
-        text = json.dumps(self._response(), ensure_ascii=False)
-        if not any(c.logprobs is not None for c in self.choices.values()):
-            return text.encode()
-        parts = text.split(f'"\\u0000{self._nonce}-')
-        out = [parts[0]]
-        for part in parts[1:]:
-            index, rest = part.split('"', 1)
-            logprobs = self.choices[int(index)].logprobs or []
-            out.append("[" + ", ".join(logprobs) + "]")
-            out.append(rest)
-        return "".join(out).encode()
+        return self.logprobs.dumps(self._response())
 
     def _response(self) -> dict[str, Any]:
         build = self._chat_choice if self.chat else self._text_choice

@@ -308,7 +308,7 @@ class _Leg:
             bconn.close()
         else:
             self.pool.release(bconn, not bconn.buf)
-        body = json.dumps(assembler.result(), ensure_ascii=False).encode()
+        body = assembler.body()
         return out.send(
             200, body, content_type="application/json; charset=utf-8", keep_alive=fwd.keep_alive
         )

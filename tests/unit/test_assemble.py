@@ -130,4 +130,4 @@ def test_a_response_past_the_bound_is_refused_not_held() -> None:
     with pytest.raises(TooLarge, match='"stream": true'):
         for _ in range(MAX_ASSEMBLED_BYTES // 1000):
             assembler.add(chunk)
-    assert MAX_ASSEMBLED_BYTES < assembler.held < MAX_ASSEMBLED_BYTES + 4 * len(chunk)
+    assert MAX_ASSEMBLED_BYTES < assembler.budget.held < MAX_ASSEMBLED_BYTES + 4 * len(chunk)
