@@ -154,6 +154,15 @@ def test_logprobs_cannot_swell_the_gateway(own_stack: GatewayHandle) -> None:
     whole = json.loads(answer)
     assert whole["usage"]["completion_tokens"] == 8000 and whole["choices"][0]["logprobs"]
     assert grown_mib < 70, f"the gateway grew by {grown_mib:.0f} MiB for {len(answer)} bytes"
+    # llama.cpp's native completion is assembled in its own format, under the same bound.
+    native = {"prompt": ["x"] * 4, "n_probs": 20, "n_predict": 6000, "ignore_eos": True}
+    before = rss_now(gw.proc.pid)
+    status, headers, answer = post(gw.port, "/completion", ALICE, native, timeout=300)
+    grown_mib = (rss_kib(gw.proc.pid, "VmHWM") - before) / 1024
+    assert grown_mib < 120, f"the gateway grew by {grown_mib:.0f} MiB (status {status})"
+    assert status == 502 and headers["x-should-retry"] == "false", (status, answer[:300])
+    status, _, answer = post(gw.port, "/completion", ALICE, {"prompt": "x", "n_probs": 1000})
+    assert status == 400 and json.loads(answer)["error"]["param"] == "n_probs", answer
     # The same request as a stream is relayed, not held.
     status, _, answer = post(
         gw.port, "/v1/chat/completions", ALICE, {**big, "n": 1, "stream": True}, timeout=300

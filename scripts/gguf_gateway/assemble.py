@@ -31,6 +31,8 @@ from .sse import UsageTally, usage_of
 MAX_ASSEMBLED_BYTES = 16 * 1024 * 1024
 # What keeping one piece costs besides its characters (a str object and a list slot).
 _PIECE_OVERHEAD = 64
+# One token id kept in a list (an int object and a list slot).
+_TOKEN_SIZE = 36
 
 
 class TooLarge(Exception):
@@ -269,12 +271,11 @@ class Assembler:
 class _NativeTask:
     """One task of a native completion: its pieces so far, and its final event."""
 
-    __slots__ = ("content", "tokens", "probs", "final")
+    __slots__ = ("content", "tokens", "final")
 
     def __init__(self) -> None:
         self.content: list[str] = []
         self.tokens: list[Any] = []
-        self.probs: list[Any] | None = None
         self.final: dict[str, Any] | None = None
 
 
@@ -300,6 +301,9 @@ class NativeAssembler:
         self.tasks: dict[int, _NativeTask] = {}
         self.finished = False
         self.error: tuple[int, dict[str, Any]] | None = None
+        self.budget = Budget()
+        # Each task's completion_probabilities, by task index.
+        self.probs = JsonLists(self.budget)
 
     def add(self, payload: bytes) -> None:
         if payload == b"[DONE]":  # not sent on native streams; harmless if it were
@@ -318,23 +322,27 @@ class NativeAssembler:
             self.finished = True
             return
         index = event.get("index", 0)
-        task = self.tasks.get(index) if isinstance(index, int) else None
+        key = index if isinstance(index, int) else 0
+        task = self.tasks.get(key)
         if task is None:
-            task = self.tasks[index if isinstance(index, int) else 0] = _NativeTask()
+            task = self.tasks[key] = _NativeTask()
         if isinstance(event.get("content"), str) and event["content"]:
-            task.content.append(event["content"])
+            self.budget.keep(task.content, event["content"])
         if isinstance(event.get("tokens"), list):
             task.tokens.extend(event["tokens"])
+            self.budget.take(_TOKEN_SIZE * len(event["tokens"]))
         probs = event.get("completion_probabilities")
         if isinstance(probs, list):
-            task.probs = (task.probs or []) + probs
+            self.probs.extend(key, probs)
         if event.get("stop") is True:
             task.final = event
+            self.budget.take(len(payload))
             usage = usage_of(event)
             if usage is not None:
                 self.tally.add(usage)
 
-    def _task_result(self, task: _NativeTask) -> dict[str, Any]:
+    def _task_result(self, key: int) -> dict[str, Any]:
+        task = self.tasks[key]
         result = dict(task.final or {})
         result["content"] = "".join(task.content)
         result["tokens"] = task.tokens if self.return_tokens else []
@@ -342,13 +350,19 @@ class NativeAssembler:
         if isinstance(settings, dict) and "stream" in settings:
             # The client asked for a whole reply: its settings say so, as direct.
             result["generation_settings"] = {**settings, "stream": False}
-        if task.probs is not None:
-            result["completion_probabilities"] = task.probs
+        marker = self.probs.marker(key)
+        if marker is not None:
+            result["completion_probabilities"] = marker
         return result
 
     def result(self) -> Any:
-        results = [self._task_result(self.tasks[i]) for i in sorted(self.tasks)]
-        return results[0] if len(results) == 1 else results
+        """The reply as parsed JSON."""
+        return json.loads(self.body())
+
+    def body(self) -> bytes:
+        """The reply's JSON text, with each task's probabilities spliced in."""
+        results = [self._task_result(key) for key in sorted(self.tasks)]
+        return self.probs.dumps(results[0] if len(results) == 1 else results)
 
 
 def assembler_for(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gguf_gateway.assemble import MAX_ASSEMBLED_BYTES, Assembler, TooLarge
+from gguf_gateway.assemble import MAX_ASSEMBLED_BYTES, Assembler, NativeAssembler, TooLarge
 from gguf_gateway.routes import Form
 from gguf_gateway.sse import SseEvents, UsageTally
 
@@ -131,3 +131,36 @@ def test_a_response_past_the_bound_is_refused_not_held() -> None:
         for _ in range(MAX_ASSEMBLED_BYTES // 1000):
             assembler.add(chunk)
     assert MAX_ASSEMBLED_BYTES < assembler.budget.held < MAX_ASSEMBLED_BYTES + 4 * len(chunk)
+
+
+def native_events(index: int, pieces: int, probs: bool) -> list[bytes]:
+    out = []
+    for i in range(pieces):
+        event: dict[str, object] = {"index": index, "content": f"p{i}", "tokens": [300 + i]}
+        if probs:
+            entry = {"id": 300 + i, "token": f"p{i}", "bytes": [112], "logprob": -1.0}
+            event["completion_probabilities"] = [{**entry, "top_logprobs": [entry]}]
+        out.append(json.dumps({**event, "stop": False}).encode())
+    final = {"index": index, "content": "", "tokens": [], "stop": True, "tokens_predicted": pieces}
+    out.append(json.dumps(final).encode())
+    return out
+
+
+def test_native_probabilities_are_spliced_per_task() -> None:
+    assembler = NativeAssembler(UsageTally(), return_tokens=True)
+    for a, b in zip(native_events(0, 3, True), native_events(1, 3, False)):
+        assembler.add(b)
+        assembler.add(a)
+    first, second = assembler.result()
+    assert first["content"] == "p0p1p2" and first["tokens"] == [300, 301, 302]
+    assert [p["token"] for p in first["completion_probabilities"]] == ["p0", "p1", "p2"]
+    assert "completion_probabilities" not in second and second["tokens_predicted"] == 3
+
+
+def test_a_native_reply_past_the_bound_is_refused_not_held() -> None:
+    assembler = NativeAssembler(UsageTally())
+    event = {"index": 0, "content": "x" * 1000, "tokens": [1] * 100, "stop": False}
+    chunk = json.dumps(event).encode()
+    with pytest.raises(TooLarge):
+        for _ in range(MAX_ASSEMBLED_BYTES // 1000):
+            assembler.add(chunk)
