@@ -450,13 +450,15 @@ class Transfer:
         self.report.connections = max(self.report.connections, connections)
         self.stopping = False
         self.error = None
-        hasher = threading.Thread(target=self._hash, name="sha256", daemon=True)
-        recorder = threading.Thread(target=self._record, name="record", daemon=True)
+        # No listed digest (a file outside LFS): nothing to check, so nothing to hash.
+        helpers = [threading.Thread(target=self._record, name="record", daemon=True)]
+        if self.target.sha256 is not None:
+            helpers.append(threading.Thread(target=self._hash, name="sha256", daemon=True))
         workers = [
             threading.Thread(target=self._work, name=f"part-{n}", daemon=True)
             for n in range(connections)
         ]
-        for thread in (hasher, recorder, *workers):
+        for thread in (*helpers, *workers):
             thread.start()
         try:
             self._watch(workers)
@@ -466,7 +468,7 @@ class Transfer:
                 for job in self.running:
                     self._cut(job)
                 self.lock.notify_all()
-            for thread in (*workers, recorder, hasher):
+            for thread in (*workers, *helpers):
                 thread.join()
         if self.error is not None:
             raise self.error

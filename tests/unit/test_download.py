@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from gguf_gateway.download import carries_token
 from support.fake_hub import FakeHub, HubRepo
 from support.procs import ROOT
 
@@ -336,3 +337,18 @@ def test_an_https_to_http_redirect_never_carries_the_token(
     # The https resolve call itself was the Hub's own origin: it carried the token.
     assert any(h.get("Authorization") for h in redirected)
     assert TOKEN not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "url, carries",
+    [
+        pytest.param("https://huggingface.co/o/r/resolve/c/f.gguf", True, id="same-origin"),
+        pytest.param("https://HuggingFace.co:443/o/r", True, id="case-and-default-port"),
+        pytest.param("http://huggingface.co/o/r", False, id="https-to-http"),
+        pytest.param("https://huggingface.co:8443/o/r", False, id="other-port"),
+        pytest.param("https://cdn-lfs.huggingface.co/x", False, id="cdn-host"),
+        pytest.param("https://huggingface.co.evil.example/x", False, id="suffix-host"),
+    ],
+)
+def test_the_token_goes_to_the_endpoints_own_origin_only(url: str, carries: bool) -> None:
+    assert carries_token("https://huggingface.co", url) is carries
