@@ -193,6 +193,8 @@ def test_router_mode_key_sees_and_runs_only_its_models(
     assert router_states(router_backend) == {"tiny-a": "unloaded", "tiny-b": "unloaded"}
     status, _, listing = get(gw, "/v1/models", "sk-scoped-router-0")
     assert status == 200 and [m["id"] for m in listing["data"]] == ["tiny-a"]
+    status, _, listing = get(gw, "/models", "sk-scoped-router-0")  # llama-server's own
+    assert status == 200 and [m["id"] for m in listing["data"]] == ["tiny-a"]
     status, _, listing = get(gw, "/v1/models", "sk-all-models-0000")
     assert sorted(m["id"] for m in listing["data"]) == ["tiny-a", "tiny-b"]
 
@@ -205,8 +207,11 @@ def test_router_mode_key_sees_and_runs_only_its_models(
     # A GET naming a model makes the router load it: the query is checked too, even for
     # an admin key, and router loads stay within the key's list.
     assert get(gw, "/props?model=tiny-b&autoload=true", "sk-boss-router-000")[0] == 404
+    assert get(gw, "/props?model=tiny-a&model=tiny-b", "sk-scoped-router-0")[0] == 404
     load = post(gw.port, "/models/load", "sk-boss-router-000", {"model": "tiny-b"})
     assert load[0] == 404
+    unload = post(gw.port, "/models/unload", "sk-boss-router-000", {"model": "tiny-b"})
+    assert unload[0] == 404
     assert post(gw.port, "/models/load", "sk-scoped-router-0", {"model": "tiny-a"})[0] in (
         403,  # the route is admin-only where the gateway serves it
         404,  # or not served at all

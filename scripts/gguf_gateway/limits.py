@@ -406,6 +406,8 @@ class Admission:
             if not queue:
                 del self._queues[key_id]
                 self._weights.pop(key_id, None)
+                if self._turn == key_id:
+                    self._turn = ""  # its turn ends with its last waiter
             # A large waiter leaving may let smaller ones behind it in.
             self._grant()
 
