@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from conftest import ALICE, BACKEND_KEY, Backend, GatewayFactory, GatewayHandle, gateway_env
@@ -253,6 +254,19 @@ def test_daily_quota_holds_under_20_parallel_requests_and_its_429_says_when(
             assert headers["x-should-retry"] == "false"
     for status, headers, _ in results:
         assert headers["x-ratelimit-limit-tokens-month"] == "100000"
+    # The OpenAI SDK gives up at once rather than retrying until midnight: one request.
+    # (Within two minutes of midnight the wait is short enough for it to retry.)
+    log_dir = tmp_path / "logs"
+    wait_until(lambda: len(ledger(log_dir, "daily")) == 20, 10, "the ledger")
+    late = seconds_to_midnight() < 150
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sk-daily-quota-000", max_retries=3)
+    with pytest.raises(openai.RateLimitError) as refused_by_sdk:
+        client.chat.completions.create(
+            model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=1501 - used
+        )
+    assert refused_by_sdk.value.code == "insufficient_quota"
+    wait_until(lambda: len(ledger(log_dir, "daily")) >= 21, 10, "the ledger")
+    assert len(ledger(log_dir, "daily")) == 21 or late
     # Every response of the key carries the day's and month's figures, even a listing.
     status, headers, _ = get(gw, "/v1/models", "sk-daily-quota-000")
     assert status == 200
