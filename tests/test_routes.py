@@ -29,6 +29,7 @@ from support.procs import (
     free_port,
     llama_server_bin,
     start_gateway,
+    free_ports,
     start_llama_server,
     wait_until,
 )
@@ -610,3 +611,71 @@ def test_a_resumable_stream_left_by_its_client_keeps_the_keys_concurrency(
         30,
         "the key's concurrency to come back",
     )
+
+
+@pytest.fixture(scope="module")
+def two_backends_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    """BACKENDS=2: two llama-servers of one slot each, on PORT_BACKEND and the next port."""
+    root = tmp_path_factory.mktemp("two")
+    model = root / "fim.gguf"
+    write_model(model, fim=True, context=32768)
+    first = free_ports(2)
+    procs = []
+    try:
+        for i in range(2):
+            proc, _ = start_llama_server(
+                model,
+                root / f"llama-server-{i}.log",
+                api_key=BACKEND_KEY,
+                parallel=1,
+                ctx_per_slot=16384,
+                port=first + i,
+            )
+            procs.append(proc)
+        keys = root / "keys.txt"
+        keys.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+        env = gateway_env(first, keys) | {"BACKENDS": "2"}
+        gw_proc, gw_port = start_gateway(env, root / "gateway.log")
+        try:
+            yield GatewayHandle(gw_proc, gw_port, Backend(procs[0], first, BACKEND_KEY, model))
+        finally:
+            gw_proc.stop()
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def test_streams_are_found_on_whichever_backend_holds_them(
+    two_backends_gw: GatewayHandle,
+) -> None:
+    gw = two_backends_gw
+    second = Backend(gw.backend.proc, gw.backend.port + 1, BACKEND_KEY, gw.backend.model)
+    long = {"prompt": "hi", "n_predict": 16000, "ignore_eos": True, "stream": True}
+    # Bob's long stream takes the first backend; Alice's stream then goes to the second.
+    hold = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
+    hold.request(
+        "POST", "/completion", json.dumps(long).encode(), {"Authorization": f"Bearer {BOB}"}
+    )
+    response = hold.getresponse()
+    assert response.status == 200 and response.readline()
+    conv = {"X-Conversation-Id": "on-two"}
+    status, _, _ = call(gw.port, "POST", "/completion", ALICE, {**PROMPT, "stream": True}, conv)
+    assert status == 200
+    hold.close()
+    wait_until(lambda: gw.backend.busy_slots() == 0, 60, "bob's stream to stop")
+    namespaced = {"conversation_ids": [key_prefix("alice") + "on-two"]}
+    direct = [
+        json.loads(call(b.port, "POST", "/v1/streams/lookup", BACKEND_KEY, namespaced)[2])
+        for b in (gw.backend, second)
+    ]
+    assert [len(found) for found in direct] == [0, 1]
+    # Asked through the gateway, whose idle backend is now the first: found all the same.
+    lookup = {"conversation_ids": ["on-two"]}
+    sessions = json.loads(call(gw.port, "POST", "/v1/streams/lookup", ALICE, lookup)[2])
+    assert [s["conversation_id"] for s in sessions] == ["on-two"]
+    assert json.loads(call(gw.port, "POST", "/v1/streams/lookup", BOB, lookup)[2]) == []
+    status, _, replay = call(gw.port, "GET", "/v1/stream?conv_id=on-two", ALICE)
+    assert status == 200 and b'"stop":true' in replay
+    assert call(gw.port, "GET", "/v1/stream?conv_id=on-two", BOB)[0] == 404
+    assert call(gw.port, "DELETE", "/v1/stream?conv_id=on-two", ALICE)[0] == 204
+    assert json.loads(call(gw.port, "POST", "/v1/streams/lookup", ALICE, lookup)[2]) == []

@@ -197,16 +197,24 @@ async def simple_request(
     host: str, port: int, method: str, path: str, api_key: str, timeout: float, body: bytes = b""
 ) -> tuple[int, bytes]:
     """One request on a fresh connection, for the gateway's own questions to llama-server."""
-    pool = BackendPool(host, port, timeout)
     headers = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
     if api_key:
         headers += f"Authorization: Bearer {api_key}\r\n"
     if body:
         headers += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    request = (headers + "\r\n").encode("latin-1") + body
+    return await simple_exchange(host, port, request, timeout)
+
+
+async def simple_exchange(
+    host: str, port: int, request: bytes, timeout: float
+) -> tuple[int, bytes]:
+    """A request, already framed, on a fresh connection; its status and whole body."""
+    pool = BackendPool(host, port, timeout)
     async with asyncio.timeout(timeout):
         conn = await pool.connect()
         try:
-            conn.channel.write((headers + "\r\n").encode("latin-1") + body)
+            conn.channel.write(request)
             head = await conn.read_head()
             answer = await conn.read_body(head)
         except (HttpError, ConnectionError) as exc:

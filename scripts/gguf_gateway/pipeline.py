@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from . import bodies, model_scope, tenancy, tokens, webui
 from .access import AccessControl, Ticket
-from .backend import BackendUnavailable, simple_request
+from .backend import BackendUnavailable, simple_exchange
 from .backends import Backend, prefix_key
 from .client import ClientConnection, ClientGone
 from .config import Config
@@ -241,6 +241,8 @@ class Pipeline:
             await self.access.reserve_tokens(ticket, plan.tokens, out)
         try:
             if not route.admitted:
+                if route.cost is Cost.OWNED and len(self.backends) > 1:
+                    return Outcome(await self._everywhere(out, forward))
                 return Outcome(await self.relay.run(out, forward, self.backends.any()))
             weight = key.priority if key is not None else 1
             return Outcome(await self._admitted(conn, out, forward, plan, weight))
@@ -330,13 +332,14 @@ class Pipeline:
                     watch = self.completions.watcher(owner)
             if changed:
                 body = json.dumps(payload).encode()
+        session: str | None = None
         if route.cost is Cost.OWNED and "conv_id" in query:
             query["conv_id"] = tenancy.conversation_id(owner, query["conv_id"], "conv_id")
+            session = query["conv_id"]
         if route.form is Form.EVENTS:
             # An event stream of its own (a replay, model states): relayed as it comes.
             shape = Shape.STREAM
         conv = head.get("x-conversation-id")
-        session: str | None = None
         if conv and route.cost is Cost.GENERATE:
             session = tenancy.conversation_id(owner, conv)
             headers.append(("X-Conversation-Id", session))
@@ -464,33 +467,86 @@ class Pipeline:
             out, request, self.backends.any(), head.keep_alive, head.method == "HEAD"
         )
 
+    async def _ask(self, backend: Backend, request: bytes) -> tuple[int, bytes]:
+        """One question to one llama-server; (502, b"") when it cannot answer."""
+        try:
+            return await simple_exchange(
+                self.config.backend_host, backend.port, request, BACKEND_QUESTION_TIMEOUT
+            )
+        except (BackendUnavailable, TimeoutError):
+            return 502, b""
+
+    async def _session(self, backend: Backend, session: str) -> dict[str, Any] | None:
+        """What this llama-server says of the resumable stream ``session`` (None: none)."""
+        lookup = self._backend_lookup(json.dumps({"conversation_ids": [session]}).encode())
+        status, answer = await self._ask(backend, lookup)
+        try:
+            sessions = json.loads(answer) if status == 200 else []
+        except ValueError:
+            return None
+        for entry in sessions if isinstance(sessions, list) else ():
+            if isinstance(entry, dict) and entry.get("conversation_id") == session:
+                return entry
+        return None
+
+    def _backend_lookup(self, body: bytes) -> bytes:
+        headers = [("Host", self._backend_host)]
+        if self._backend_auth:
+            headers.append(("Authorization", self._backend_auth))
+        headers.append(("Content-Type", "application/json"))
+        return request_bytes("POST", "/v1/streams/lookup", headers, body)
+
+    async def _everywhere(self, out: Responder, forward: Forward) -> bool:
+        """Several llama-servers (BACKENDS): a key's streams and completions may be on any.
+
+        Each is asked, and the client answered as one llama-server holding them all
+        would: a replay from the one that holds the stream, every server's sessions in
+        one lookup, a stop sent to all, a control to the one running the completion.
+        """
+        backends = list(self.backends)
+        if forward.form is Form.EVENTS:
+            holders = [
+                b
+                for b in backends
+                if forward.session and await self._session(b, forward.session) is not None
+            ]
+            return await self.relay.run(out, forward, holders[0] if holders else backends[0])
+        answers = await asyncio.gather(*(self._ask(b, forward.request) for b in backends))
+        keep = forward.keep_alive
+        if forward.form is Form.LOOKUP:
+            merged: list[Any] = []
+            for status, answer in answers:
+                try:
+                    found = json.loads(answer) if status == 200 else []
+                except ValueError:
+                    found = []
+                merged.extend(found if isinstance(found, list) else [])
+            body = json.dumps(merged).encode()
+            if forward.rewrite is not None:
+                body = forward.rewrite(body)
+            return out.send(
+                200, body, content_type="application/json; charset=utf-8", keep_alive=keep
+            )
+        if forward.form is Form.CONTROL:
+            for status, answer in answers:
+                if status == 200 and b'"success":true' in answer:
+                    return out.send(status, answer, keep_alive=keep)
+        for status, answer in answers:
+            if status != 502:
+                return out.send(status, answer, keep_alive=keep)
+        raise Refusal(502, "llama-server is not reachable", "unavailable", backend=True)
+
     async def _detached(self, backend: Backend, session: str) -> None:
         """Wait for a resumable stream whose client has left to end.
 
         llama-server keeps generating it into its buffer (for a resume), so its slots and
         the key's concurrency stay taken until it is done: a key cannot start streams,
-        leave them and so run more at once than it may.
+        leave them and so run more at once than it may. Should llama-server not answer,
+        there is nothing left to hold them for.
         """
-        body = json.dumps({"conversation_ids": [session]}).encode()
         while True:
-            try:
-                status, answer = await simple_request(
-                    self.config.backend_host,
-                    backend.port,
-                    "POST",
-                    "/v1/streams/lookup",
-                    self.config.backend_api_key,
-                    BACKEND_QUESTION_TIMEOUT,
-                    body,
-                )
-                sessions = json.loads(answer) if status == 200 else None
-            except (BackendUnavailable, TimeoutError, ValueError):
-                return  # llama-server cannot say: nothing left to hold the slots for
-            running = isinstance(sessions, list) and any(
-                isinstance(s, dict) and s.get("conversation_id") == session and not s.get("is_done")
-                for s in sessions
-            )
-            if not running:
+            entry = await self._session(backend, session)
+            if entry is None or entry.get("is_done") is not False:
                 return
             await asyncio.sleep(SESSION_POLL_SECONDS)
 
