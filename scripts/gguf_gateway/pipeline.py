@@ -59,6 +59,12 @@ SESSION_POLL_SECONDS = 1.0
 BACKEND_QUESTION_TIMEOUT = 5.0
 
 
+# What llama-server's /tools reads from a request's head (the tool's working directory and
+# runtime, the reply's type), and the prefix of headers its /cors-proxy passes on.
+TOOL_HEADERS = frozenset({"x-tool-cwd", "x-tool-runtime", "x-resp-type"})
+PROXY_HEADER_PREFIX = "x-llama-server-proxy-header-"
+
+
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
@@ -343,6 +349,14 @@ class Pipeline:
         if conv and route.cost is Cost.GENERATE:
             session = tenancy.conversation_id(owner, conv)
             headers.append(("X-Conversation-Id", session))
+        if route.cost is Cost.DISABLED:
+            # The server's own tools and CORS proxy (here only with ALLOW_SERVER_TOOLS and
+            # an admin key): the headers they act on go with the request.
+            headers.extend(
+                (name, value)
+                for name, value in head.headers
+                if name in TOOL_HEADERS or name.startswith(PROXY_HEADER_PREFIX)
+            )
         path = route.path
         if route.form is Form.SLOT_ACTION and param is not None:
             path, query = self._slot_action(route, param, query, body)
