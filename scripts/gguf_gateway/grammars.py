@@ -101,7 +101,10 @@ def regex_depth(pattern: str) -> int:
 
 
 def check_gbnf(text: str, field: str) -> None:
-    if len(text) > MAX_GRAMMAR_BYTES:
+    # Characters first: only text that could be past the bound in UTF-8 is encoded.
+    if len(text) > MAX_GRAMMAR_BYTES or (
+        4 * len(text) > MAX_GRAMMAR_BYTES and len(text.encode()) > MAX_GRAMMAR_BYTES
+    ):
         raise _too_large(field, "grammar", MAX_GRAMMAR_BYTES)
     deepest, rules = gbnf_shape(text)
     if deepest > MAX_NESTING:
@@ -115,7 +118,7 @@ def check_gbnf(text: str, field: str) -> None:
 
 
 def _check_pattern(pattern: str, field: str) -> None:
-    if len(pattern) > MAX_PATTERN_BYTES:
+    if len(pattern.encode()) > MAX_PATTERN_BYTES:
         raise _too_large(field, "pattern", MAX_PATTERN_BYTES)
     if regex_depth(pattern) > MAX_NESTING:
         raise _too_deep(field, "pattern")

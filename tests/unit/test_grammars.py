@@ -222,3 +222,9 @@ def test_logprobs_as_a_switch_passes() -> None:
 def test_scans_see_structure_only() -> None:
     assert grammars.gbnf_shape(JSON_GBNF) == (2, 7 + 11)  # 7 rules, 11 groups
     assert grammars.regex_depth(r"\((a(b)[()])\)") == 2
+
+
+def test_sizes_are_counted_in_utf8_bytes() -> None:
+    wide = 'root ::= "' + "é" * (grammars.MAX_GRAMMAR_BYTES // 2) + '"'
+    assert len(wide) < grammars.MAX_GRAMMAR_BYTES < len(wide.encode())
+    assert refusal({"prompt": "x", "grammar": wide}).param == "grammar"
