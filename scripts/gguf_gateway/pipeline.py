@@ -261,8 +261,8 @@ class Pipeline:
     async def _key_info(self, out: Responder, head: RequestHead, key: ApiKey | None) -> bool:
         if key is None:
             raise Refusal(404, "GET /v1/key describes an API key: AUTH_ENABLED is false", "key")
+        body = json.dumps(await self.access.describe(key)).encode()  # seeds quotas first
         out.ex.rate_headers = self.access.headers_for(key)
-        body = json.dumps(await self.access.describe(key)).encode()
         return out.send(200, body, keep_alive=head.keep_alive)
 
     def _prepare(
