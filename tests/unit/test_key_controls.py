@@ -284,3 +284,54 @@ def test_the_supervisors_no_key_check_counts_api_keys(tmp_path: Path) -> None:
     given = sourced('load_facts; echo "keys=$KEY_COUNT"', env)
     assert given.returncode == 0, given.stderr
     assert given.stdout.strip().endswith("keys=2")
+
+
+# ------------------------------------------------------------------ access control, clock in hand
+
+
+def test_access_control_seeds_from_the_ledger_and_rolls_over_with_the_clock(
+    tmp_path: Path,
+) -> None:
+    from gguf_gateway.access import AccessControl
+    from gguf_gateway.config import Config
+    from gguf_gateway.refusals import Refusal
+    from gguf_gateway.responses import Exchange, Responder
+
+    (tmp_path / "usage.jsonl").write_text(
+        ledger_line("2026-12-31T10:00:00Z", "q", 0, 0, charged_tokens=600)
+        + ledger_line("2026-12-30T10:00:00Z", "q", 0, 0, charged_tokens=50)
+    )
+    clock = [utc(2026, 12, 31, 23, 59, 30)]
+    config = Config(log_dir=tmp_path)
+    keys = KeySource(tmp_path / "none.txt", api_keys="q:sk-quota-clock daily_tokens=1000")
+    access = AccessControl(config, keys, clock=lambda: clock[0])
+    key = keys.ring.match("sk-quota-clock")
+    assert key is not None
+
+    def out() -> Responder:
+        return Responder(None, Exchange("r", "POST", "/v1/chat/completions", 0.0))  # type: ignore[arg-type]
+
+    async def run() -> None:
+        limits = access.limits_for(key)
+        first = await access.enter(key, limits, out())
+        await access.reserve_tokens(first, 300, out())  # 600 from the ledger + 300
+        second = await access.enter(key, limits, out())
+        refused = out()
+        with pytest.raises(Refusal) as over:
+            await access.reserve_tokens(second, 200, refused)
+        assert over.value.status == 429 and over.value.code == "insufficient_quota"
+        headers = dict(over.value.headers)
+        assert headers["Retry-After"] == "30" and "x-should-retry" not in headers
+        shown = dict(refused.ex.rate_headers)
+        assert shown["x-ratelimit-remaining-tokens-day"] == "100"
+        assert shown["x-ratelimit-reset-tokens-day"] == "30s"
+        clock[0] = utc(2027, 1, 1, 0, 0, 1)  # a new day
+        await access.reserve_tokens(second, 900, out())
+        await access.settle(first, 250)  # settles in the old day: the new one is untouched
+        info = await access.describe(key)
+        data = info["data"]
+        assert isinstance(data, dict)
+        assert data["usage"]["tokens_today"] == 900
+        assert data["resets"]["day"] == "2027-01-02T00:00:00Z"
+
+    asyncio.run(run())
