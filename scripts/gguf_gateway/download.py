@@ -254,21 +254,31 @@ class Partial:
     def _recorded(self) -> set[int]:
         """The parts a previous run finished, if its partial is for this very file."""
         try:
-            lines = self.target.sidecar.read_text().splitlines()
+            text = self.target.sidecar.read_text()
             size = self.target.partial.stat().st_size
         except (OSError, UnicodeDecodeError):
             return set()
+        # Only whole lines count: a kill or a full disk while appending can leave "7" of
+        # "78\n", which is not part 7. The torn tail is cut off before anything is appended.
+        whole = text[: text.rfind("\n") + 1]
+        lines = whole.splitlines()
         try:
             if not lines or json.loads(lines[0]) != self.header or size != self.target.size:
                 return set()
         except ValueError:
             return set()
-        # A torn last line (a kill while appending) is not a part.
+        if len(whole) != len(text):
+            try:
+                os.truncate(self.target.sidecar, len(whole.encode()))
+            except OSError:
+                return set()
         return {int(n) for n in lines[1:] if n.isdigit() and int(n) < self.count}
 
     def record(self, indices: list[int]) -> None:
         os.fdatasync(self.fd)
-        os.write(self.side, "".join(f"{i}\n" for i in indices).encode())
+        line = "".join(f"{i}\n" for i in indices).encode()
+        if os.write(self.side, line) != len(line):  # a full disk can take part of it
+            raise OSError(errno.ENOSPC, "the sidecar could not be written whole")
         os.fsync(self.side)
 
     def close(self) -> None:

@@ -84,7 +84,8 @@ def recorded_parts(data_dir: Path) -> int:
     )
     if not sidecars:
         return 0
-    return max(0, len(sidecars[0].read_text().splitlines()) - 1)
+    text = sidecars[0].read_text()
+    return max(0, text.count("\n") - 1)  # whole lines only: a torn last one is no part
 
 
 def kill_after_parts(proc: subprocess.Popen[str], data_dir: Path, parts: int) -> bool:
@@ -113,6 +114,7 @@ def test_parallel_parts_make_the_file_byte_for_byte(hub: FakeHub, tmp_path: Path
     hub.first_byte_delay = 0.2  # every part waits, so parts overlap on any machine
     result = fetch(tmp_path, hub.url)
     assert result.returncode == 0, result.stderr
+    hub.settle()
     path = Path(result.stdout.strip())
     assert path.read_bytes() == BIG
     asked = sorted((t.start, t.end) for t in hub.transfers)
@@ -131,6 +133,7 @@ def test_a_stalled_part_is_asked_for_again_from_where_it_stopped(
     hub.stall = {3}  # the fourth part sends half, then nothing, holding the connection
     result = fetch(tmp_path, hub.url, GATEWAY_DOWNLOAD_STALL_SECONDS="1")
     assert result.returncode == 0, result.stderr
+    hub.settle()
     assert Path(result.stdout.strip()).read_bytes() == BIG
     stalled = [t for t in hub.transfers if t.sent < t.end - t.start]
     assert len(stalled) == 1
@@ -352,3 +355,32 @@ def test_an_https_to_http_redirect_never_carries_the_token(
 )
 def test_the_token_goes_to_the_endpoints_own_origin_only(url: str, carries: bool) -> None:
     assert carries_token("https://huggingface.co", url) is carries
+
+
+def test_a_disk_filling_up_mid_file_keeps_the_parts_already_recorded(
+    small_volume: Path,
+) -> None:
+    # Room for the data (reserved up front) and one page of sidecar: 1,024 parts of 4 KiB
+    # outgrow that page three quarters of the way through, so the disk fills mid-file.
+    data = model_bytes(1024 * 4096, seed=4)
+    subprocess.run(["mount", "-o", "remount,size=4100k", str(small_volume)], check=True)
+    server = FakeHub({"owner/tiny": HubRepo({NAME: data})}).start()
+    small = {"GATEWAY_DOWNLOAD_PART_BYTES": "4096"}
+    try:
+        full = fetch(small_volume, server.url, **small)
+        assert full.returncode == 2, full.stderr
+        assert f"DATA_DIR={small_volume} is full" in full.stderr
+        assert "parts already fetched are kept" in full.stderr and "Traceback" not in full.stderr
+        kept = recorded_parts(small_volume)
+        assert 0 < kept < 1024
+        server.settle()
+        sent = server.sent()
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_volume)], check=True)
+        again = fetch(small_volume, server.url, **small)
+        assert again.returncode == 0, again.stderr
+        assert f"resuming {NAME}: {kept} of 1024 parts" in again.stderr
+        assert Path(again.stdout.strip()).read_bytes() == data
+        server.settle()
+        assert server.sent() - sent <= (1024 - kept) * 4096  # only what was not recorded
+    finally:
+        server.stop()
