@@ -65,8 +65,9 @@ def test_trickled_body_is_408_at_the_whole_body_deadline(make_gateway: GatewayFa
     """Bytes that keep coming do not extend CLIENT_BODY_TIMEOUT: it covers the whole body."""
     gw = make_gateway(CLIENT_BODY_TIMEOUT="1")
     head = (
-        b"POST /tokenize HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer " + ALICE.encode() + b"\r\n"
-        b"Content-Length: 100000\r\n\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
+        + ALICE.encode()
+        + b"\r\nContent-Length: 100000\r\n\r\n"
     )
     with socket.create_connection(("127.0.0.1", gw.port), timeout=0.2) as sock:
         sock.sendall(head)

@@ -13,12 +13,13 @@ from pathlib import Path
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ALICE, GatewayFactory, GatewayHandle
+from conftest import ALICE, OPS, GatewayFactory, GatewayHandle
 from support.procs import ROOT, http_get, wait_until
 
 
 def tokens(gateway: GatewayHandle, key_id: str) -> dict[str, float]:
-    _, body = http_get(gateway.port, "/metrics")
+    # Per-key series need a key: an admin one shows them on the open /metrics.
+    _, body = http_get(gateway.port, "/metrics", {"Authorization": f"Bearer {OPS}"})
     out = {"prompt": 0.0, "completion": 0.0}
     for family in text_string_to_metric_families(body.decode()):
         if family.name == "gateway_tokens":
@@ -65,8 +66,14 @@ def test_token_metrics_equal_the_usage_llama_server_reported(gateway: GatewayHan
 
 def test_metrics_include_llama_server_series_and_sane_buckets(gateway: GatewayHandle) -> None:
     http_get(gateway.port, "/v1/models", {"Authorization": f"Bearer {ALICE}"})
+    _, body = http_get(gateway.port, "/metrics")
+    open_families = {f.name for f in text_string_to_metric_families(body.decode())}
+    # Open: llama-server's series less its prompt-token counters (what a cache probe
+    # would read before and after; EXPOSE_PROMPT_CACHE keeps them).
+    assert "llamacpp:tokens_predicted" in open_families
+    assert not {"llamacpp:prompt_tokens", "llamacpp:prompt_tokens_cached"} & open_families
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
-    conn.request("GET", "/metrics")
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {OPS}"})
     response = conn.getresponse()
     text = response.read().decode()
     conn.close()

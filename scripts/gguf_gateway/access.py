@@ -108,19 +108,21 @@ class AccessControl:
         # llama-server's special value: any origin on this machine, whatever its port.
         return "localhost" in allowed and _is_localhost(origin)
 
+    def admin_presented(self, head: RequestHead) -> bool:
+        """Whether the request carries a valid, unexpired admin key (no refusal if not).
+
+        For routes open to all, where an admin key shows more (/metrics' per-key series).
+        """
+        ring = self.keys.current()
+        for token in _presented(head):
+            key = ring.match(token)
+            if key is not None:
+                return "admin" in key.scopes and not key.expired()
+        return False
+
     def authenticate(self, head: RequestHead, route: Route, out: Responder) -> ApiKey:
         """The request's key; raises the 401/403 Refusal otherwise."""
-        # Bearer first, then X-API-Key: behind a platform that puts its own credential
-        # in Authorization (RunPod's load balancer), clients send ours in X-API-Key.
-        tokens = []
-        authorization = head.get("authorization")
-        if authorization:
-            scheme, _, value = authorization.partition(" ")
-            if scheme.lower() == "bearer" and value.strip():
-                tokens.append(value.strip())
-        api_key_header = (head.get("x-api-key") or "").strip()
-        if api_key_header:
-            tokens.append(api_key_header)
+        tokens = _presented(head)
         if not tokens:
             raise _unauthorized("missing API key: send Authorization: Bearer <key>")
         ring = self.keys.current()
@@ -500,6 +502,24 @@ def _is_localhost(origin: str) -> bool:
     except ValueError:
         return False
     return host in ("localhost", "127.0.0.1", "::1")
+
+
+def _presented(head: RequestHead) -> list[str]:
+    """The keys a request presents, Bearer first, then X-API-Key.
+
+    Behind a platform that puts its own credential in Authorization (RunPod's load
+    balancer), clients send ours in X-API-Key.
+    """
+    tokens = []
+    authorization = head.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            tokens.append(value.strip())
+    api_key_header = (head.get("x-api-key") or "").strip()
+    if api_key_header:
+        tokens.append(api_key_header)
+    return tokens
 
 
 def _unauthorized(message: str, code: str | None = None) -> Refusal:

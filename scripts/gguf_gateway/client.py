@@ -69,8 +69,12 @@ class ClientConnection:
         finally:
             channel.expire_at(None)
 
-    async def read_body(self, head: RequestHead, timeout: float) -> bytes:
-        """The whole body (Content-Length or chunked), which must arrive within ``timeout``."""
+    async def read_body(self, head: RequestHead, timeout: float, max_body: int) -> bytes:
+        """The whole body (Content-Length or chunked), which must arrive within ``timeout``.
+
+        A chunked body is bounded by ``max_body`` as it arrives (413); the caller checks a
+        Content-Length against it before reading.
+        """
         if not head.has_body:
             return b""
         length = head.content_length or 0
@@ -83,7 +87,7 @@ class ClientConnection:
         try:
             async with asyncio.timeout(timeout):
                 if head.chunked:
-                    return await self._read_chunked()
+                    return await self._read_chunked(max_body)
                 return await self._read_length(length)
         finally:
             self.channel.limit = MAX_PIPELINED
@@ -92,8 +96,8 @@ class ClientConnection:
         if not await self.channel.more():
             raise ClientGone()
 
-    async def _read_chunked(self) -> bytes:
-        decoder = ChunkedDecoder(self.limits, self.limits.max_body)
+    async def _read_chunked(self, max_body: int) -> bytes:
+        decoder = ChunkedDecoder(self.limits, max_body)
         parts = [decoder.feed(self.buf)]
         while not decoder.done:
             await self._more()
@@ -104,6 +108,33 @@ class ClientConnection:
         while len(self.buf) < length:
             await self._more()
         return self.channel.take(length)
+
+    async def caught_up(self, timeout: float) -> bool:
+        """Whether the client took what it was sent down to the low-water mark in time.
+
+        A client that does not is aborted: its unread response is dropped with it.
+        """
+        channel = self.channel
+        if not channel.write_paused:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await channel.drain()
+            return True
+        except TimeoutError:
+            channel.abort()
+            return False
+
+    def flush_within(self, timeout: float) -> None:
+        """After close: abort if what is still buffered is not taken within ``timeout``.
+
+        A transport being closed keeps its connection until its buffer is written, which
+        a client that stopped reading would hold forever.
+        """
+        transport = self.channel.transport
+        if transport is not None and not self.channel.lost and transport.get_write_buffer_size():
+            # The transport's own abort: the channel's skips a transport already closing.
+            self.channel.current_loop().call_later(timeout, transport.abort)
 
     def watch(self) -> ClientWatch:
         return ClientWatch(self.channel)

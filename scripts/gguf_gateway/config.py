@@ -187,6 +187,16 @@ class Config:
     max_header_bytes: int = 16384
     max_headers: int = 100
     max_connections: int = 4096
+    # What a response may hold for a client reading slower than llama-server writes, and
+    # how long in all such a client may keep llama-server waiting before it is cut.
+    response_buffer_size: int = 1024 * 1024
+    slow_client_timeout: float = 30.0
+    # Requests that take no slot (/tokenize, /detokenize, count_tokens, ...): llama-server
+    # runs them on its HTTP threads, its tokenizer quadratic on some text.
+    max_tokenize_body_size: int = 262144
+    max_concurrent_tokenize: int = 2
+    # Single-tenant deployments: exact prompt-cache counters, prefix affinity across keys.
+    expose_prompt_cache: bool = False
 
     client_header_timeout: float = 10.0
     client_body_timeout: float = 60.0
@@ -248,6 +258,11 @@ class Config:
             max_header_bytes=_int(env, "MAX_HEADER_BYTES", 16384, 256),
             max_headers=_int(env, "MAX_HEADERS", 100, 1),
             max_connections=_int(env, "MAX_CONNECTIONS", 4096, 1),
+            response_buffer_size=_int(env, "RESPONSE_BUFFER_SIZE", 1024 * 1024, 65536),
+            slow_client_timeout=_seconds(env, "SLOW_CLIENT_TIMEOUT", 30.0),
+            max_tokenize_body_size=_int(env, "MAX_TOKENIZE_BODY_SIZE", 262144, 1024),
+            max_concurrent_tokenize=_int(env, "MAX_CONCURRENT_TOKENIZE", 2, 1),
+            expose_prompt_cache=_bool(env, "EXPOSE_PROMPT_CACHE", False),
             client_header_timeout=_seconds(env, "CLIENT_HEADER_TIMEOUT", 10.0),
             client_body_timeout=_seconds(env, "CLIENT_BODY_TIMEOUT", 60.0),
             client_idle_timeout=_seconds(env, "CLIENT_IDLE_TIMEOUT", 75.0),

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Callable
 
+from . import cache_counters
 from .backend import BackendUnavailable, simple_get
 from .backends import Backend
 from .config import VERSION, Config
@@ -80,10 +81,15 @@ class LocalEndpoints:
         shared = self.limiter()
         self.metrics.limiter_up = 1 if shared is not None and shared.up else 0
         self.metrics.queue_depth = admission.waiting if (admission := self.admission()) else 0
+        # Per-key series only behind a key (METRICS_AUTH_ENABLED): metrics.py says why.
+        per_key = route.scope is not None
         if "format=json" in head.query.split("&"):
-            body = json.dumps(self.metrics.as_json()).encode()
+            body = json.dumps(self.metrics.as_json(per_key=per_key)).encode()
             return out.send(200, body, keep_alive=keep, head_only=head_only)
-        text = self.metrics.render() + await self.backend_metrics()
+        backend = await self.backend_metrics()
+        if not per_key and not self.config.expose_prompt_cache:
+            backend = cache_counters.without_cache_metrics(backend)
+        text = self.metrics.render(per_key=per_key) + backend
         return out.send(
             200,
             text.encode(),

@@ -3,6 +3,10 @@
 Label values are bounded by construction: paths come from the route table (anything else
 is counted as ``other``), statuses are integers, key ids come from the key file, reasons
 from a fixed vocabulary in the gateway. Nothing here allocates per streamed chunk.
+
+Series labelled by key id are tenant data (who uses the service, and how much): they are
+rendered only for a ``/metrics`` that needs a key (METRICS_AUTH_ENABLED=true, admin
+scope). An open ``/metrics`` shows the same counters summed over keys.
 """
 
 from __future__ import annotations
@@ -77,7 +81,14 @@ class Metrics:
         if ttfb is not None:
             self.ttfb.observe(ttfb)
 
-    def render(self, extra: str = "") -> str:
+    def tokens_by_kind(self) -> dict[str, int]:
+        """Token counters summed over keys: what an open /metrics may show."""
+        totals: defaultdict[str, int] = defaultdict(int)
+        for (_key_id, kind), n in self.tokens.items():
+            totals[kind] += n
+        return dict(sorted(totals.items()))
+
+    def render(self, extra: str = "", *, per_key: bool = False) -> str:
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -99,9 +110,14 @@ class Metrics:
             "Time from request to the first response byte from the backend.",
         )
         out.extend(self.ttfb.render("gateway_time_to_first_byte_seconds"))
-        family("gateway_tokens_total", "counter", "Tokens reported by the backend, by key.")
-        for (key_id, kind), n in sorted(self.tokens.items()):
-            out.append(f'gateway_tokens_total{{key_id="{_escape(key_id)}",kind="{kind}"}} {n}')
+        if per_key:
+            family("gateway_tokens_total", "counter", "Tokens reported by the backend, by key.")
+            for (key_id, kind), n in sorted(self.tokens.items()):
+                out.append(f'gateway_tokens_total{{key_id="{_escape(key_id)}",kind="{kind}"}} {n}')
+        else:
+            family("gateway_tokens_total", "counter", "Tokens reported by the backend.")
+            for kind, n in self.tokens_by_kind().items():
+                out.append(f'gateway_tokens_total{{kind="{kind}"}} {n}')
         family("gateway_rejections_total", "counter", "Requests refused by the gateway.")
         for reason, n in sorted(self.rejections.items()):
             out.append(f'gateway_rejections_total{{reason="{reason}"}} {n}')
@@ -135,7 +151,15 @@ class Metrics:
         text = "\n".join(out) + "\n"
         return text + extra
 
-    def as_json(self) -> dict[str, object]:
+    def as_json(self, *, per_key: bool = False) -> dict[str, object]:
+        tokens: list[dict[str, object]] = (
+            [
+                {"key_id": k, "kind": kind, "value": n}
+                for (k, kind), n in sorted(self.tokens.items())
+            ]
+            if per_key
+            else [{"kind": kind, "value": n} for kind, n in self.tokens_by_kind().items()]
+        )
         return {
             "requests_total": [
                 {"path": p, "status": s, "value": n} for (p, s), n in sorted(self.requests.items())
@@ -144,10 +168,7 @@ class Metrics:
             "queue_depth": self.queue_depth,
             "request_duration_seconds": self.duration.as_json(),
             "time_to_first_byte_seconds": self.ttfb.as_json(),
-            "tokens_total": [
-                {"key_id": k, "kind": kind, "value": n}
-                for (k, kind), n in sorted(self.tokens.items())
-            ],
+            "tokens_total": tokens,
             "rejections_total": dict(sorted(self.rejections.items())),
             "backend_errors_total": dict(sorted(self.backend_errors.items())),
             "client_disconnects_total": self.client_disconnects,

@@ -19,6 +19,7 @@ from enum import Enum
 from typing import cast
 
 from .backend import BACKEND_LIMITS
+from .cache_counters import CACHE_MARK
 from .channel import RECEIVE_BUFFER, Channel, buffered_loop
 from .http11 import LAST_CHUNK, ChunkedDecoder, ChunkedScanner, HttpError, chunk
 from .sse import UsageTally
@@ -38,6 +39,9 @@ class StreamPipe(asyncio.Protocol):
 
     ``tally``: where the usage of each finished task is summed (None: not read).
     ``strip_usage``: drop the usage-only chunks the client did not ask for.
+    ``conceal``: reads with prompt-cache counters are held too, and their events
+    rewritten to read "nothing cached" (cache_counters.py); one more substring search
+    per read.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class StreamPipe(asyncio.Protocol):
         decode: bool,
         tally: UsageTally | None,
         strip_usage: bool,
+        conceal: bool = False,
     ) -> None:
         self.client = client
         assert client.transport is not None
@@ -63,10 +68,13 @@ class StreamPipe(asyncio.Protocol):
         # Shown each read until it returns True (a completion id to remember); None
         # for almost every stream.
         self.watch: Callable[[bytes], bool] | None = None
+        self.conceal = conceal and tally is not None
         # Bytes of a read with usage in it, kept until the chunk it is in is complete.
         self._held = bytearray()
         self.sent = 0
         self.finished = False
+        # Reading is paused for the client (backpressure): not the backend's silence.
+        self.paused = False
         # llama-server closed its end (it does after every stream), possibly right after
         # the last chunk: the connection must not go back to the pool.
         self.backend_closed = False
@@ -95,11 +103,22 @@ class StreamPipe(asyncio.Protocol):
             self.watch = None
         # Usage is read from whole chunks only: a read that starts inside a chunk goes
         # through untallied (and the request keeps its reservation: never under-counted).
-        hold = self._held or (
-            self.tally is not None and self._mark in data and self.scanner.at_boundary
-        )
+        # Concealing, a read that ends inside a chunk is held too, so that every read
+        # starts on a boundary and no cache counter can pass in the second half of one.
+        boundary = self.scanner.at_boundary
         try:
             done = self.scanner.feed(data)
+            hold = self._held or (
+                boundary
+                and self.tally is not None
+                and (
+                    self._mark in data
+                    or (
+                        self.conceal
+                        and (CACHE_MARK in data or not (done or self.scanner.at_boundary))
+                    )
+                )
+            )
             if hold:
                 # The rare read that ends a task: parse it (once whole), pass the rest.
                 self._held += data
@@ -118,7 +137,9 @@ class StreamPipe(asyncio.Protocol):
             self.finished = True
             self._wake(PipeEvent.DONE)
         elif self.client.write_paused and self.backend is not None:
+            # The client is RESPONSE_BUFFER_SIZE behind (its transport's high-water mark).
             self.backend.pause_reading()
+            self.paused = True
             self._wake(PipeEvent.PAUSED)
 
     def _write_decoded(self, data: bytes) -> None:
@@ -135,11 +156,11 @@ class StreamPipe(asyncio.Protocol):
         self._held.clear()
         decoder = ChunkedDecoder(BACKEND_LIMITS)
         payload = decoder.feed(bytearray(held))
-        kept = self.tally.add_events(payload, self.strip_usage)
+        kept = self.tally.add_events(payload, self.strip_usage, self.conceal)
         if self.decoder is not None:
             out = kept  # HTTP/1.0: the client gets the events without framing
-        elif len(kept) == len(payload):
-            out = held  # nothing dropped: the backend's bytes as they came
+        elif kept == payload:
+            out = held  # nothing dropped or rewritten: the backend's bytes as they came
         else:
             out = (chunk(kept) if kept else b"") + (LAST_CHUNK if last else b"")
         self._write(out)
@@ -162,6 +183,7 @@ class StreamPipe(asyncio.Protocol):
         return outcome
 
     def resume(self) -> None:
+        self.paused = False
         if self.backend is not None and not self.backend.is_closing():
             self.backend.resume_reading()
 

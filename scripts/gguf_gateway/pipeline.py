@@ -6,6 +6,9 @@
     token bound) -> token reservation (minute, day, month) -> admission (by priority)
     -> relay -> settle tokens
 
+Requests that take no slot but make llama-server work (/tokenize and the like) have a
+small body cap and a fair queue of their own instead of a slot.
+
 Every refusal on the way is a :class:`Refusal`, raised where it is decided and written
 here, in ``handle``, before any response byte; the connection loop (server.py) closes the
 connection afterwards when the refusal or an unread body says so.
@@ -30,6 +33,7 @@ from . import bodies, model_scope, tenancy, tokens, webui
 from .access import AccessControl, Ticket
 from .backend import BackendUnavailable, simple_exchange
 from .backends import Backend, prefix_key
+from .cache_counters import PROGRESS_FIELDS
 from .client import ClientConnection, ClientGone
 from .config import Config
 from .endpoints import LocalEndpoints
@@ -96,6 +100,11 @@ class Pipeline:
         self.relay = relay
         self.admission = admission
         self.backends = readiness.backends
+        # No-slot work: llama-server tokenizes on its HTTP threads (not in a slot), in
+        # time quadratic in some texts, and keeps going after the client has left; a
+        # small body cap and a bound of their own keep them from starving the rest.
+        limit = config.max_concurrent_tokenize
+        self.no_slot = Admission(limit, 4 * limit, config.queue_timeout, 2 * limit)
         # Single-port mode: the probe contract on /ping and on RunPod's HEALTH_CHECK_PATH.
         self._probe_paths = (
             frozenset({"/ping", config.health_check_path}) if config.single_port else frozenset()
@@ -181,7 +190,12 @@ class Pipeline:
                 headers=[("Allow", ", ".join(sorted(allowed)))],
             )
         route = line
-        if route.path == "/metrics" and self.config.metrics_auth_enabled:
+        if route.path == "/metrics" and (
+            self.config.metrics_auth_enabled
+            or (self.config.auth_enabled and self.access.admin_presented(head))
+        ):
+            # Per-key series need a key: always with METRICS_AUTH_ENABLED, and on an open
+            # /metrics for an admin key that comes with the scrape.
             route = ADMIN_METRICS
         if route.kind is Kind.STATIC:
             _no_body(head)  # a stranger's body is never read or buffered
@@ -227,7 +241,16 @@ class Pipeline:
         ticket: Ticket | None,
     ) -> Outcome:
         ring = self.access.keys.ring
-        body = await conn.read_body(head, self.config.client_body_timeout)
+        no_slot = route.cost is Cost.FREE and head.method == "POST"
+        cap = self.config.max_tokenize_body_size if no_slot else self.config.max_request_body_size
+        if (head.content_length or 0) > cap:
+            raise Refusal(
+                413,
+                f"request body larger than {cap} bytes (MAX_TOKENIZE_BODY_SIZE) for {route.path}",
+                "size",
+                close=True,
+            )
+        body = await conn.read_body(head, self.config.client_body_timeout, cap)
         out.ex.body_read = True
         if key is not None:
             self.access.still_valid(key, ring)
@@ -246,6 +269,8 @@ class Pipeline:
             assert ticket is not None
             await self.access.reserve_tokens(ticket, plan.tokens, out)
         try:
+            if no_slot:
+                return Outcome(await self._no_slot(conn, out, forward))
             if not route.admitted:
                 if route.cost is Cost.OWNED and len(self.backends) > 1:
                     return Outcome(await self._everywhere(out, forward))
@@ -304,13 +329,18 @@ class Pipeline:
             if route.admitted:  # only requests that take a slot are planned and routed
                 plan = tokens.plan(route.form, payload, len(body), slot_ctx)
                 if len(self.backends) > 1:
-                    affinity = prefix_key(payload)
+                    # Per key unless the deployment has one tenant (cache_counters.py).
+                    owner = "" if self.config.expose_prompt_cache else out.ex.key_id
+                    affinity = prefix_key(payload, owner)
             changed = tokens.strip_server_fields(payload) or canonical
             if route.form is Form.LOOKUP:
                 payload, changed = tenancy.lookup_body(owner, payload), True
                 rewrite = tenancy.lookup_reply(owner)
             elif route.form is Form.CONTROL:
                 changed = tenancy.control_body(self.completions, owner, payload) or changed
+            if route.admitted and not self.config.expose_prompt_cache:
+                for name in PROGRESS_FIELDS:
+                    changed = payload.pop(name, None) is not None or changed
             streamed = payload.get("stream") is True
             if streamed:
                 shape = Shape.STREAM
@@ -380,6 +410,7 @@ class Pipeline:
             watch=watch,
             session=session,
             return_tokens=return_tokens,
+            conceal=route.admitted and not self.config.expose_prompt_cache,
         )
         return forward, plan
 
@@ -432,17 +463,7 @@ class Pipeline:
         task = conn.channel.current_task()
         watch = conn.watch()
         try:
-            try:
-                await admission.acquire(out.ex.key_id, slots, weight)
-            except QueueFull as exc:
-                message = (
-                    f"key '{out.ex.key_id}' already holds its {admission.per_key} queue places"
-                    if exc.per_key
-                    else "all slots are busy and the queue is full"
-                )
-                raise unavailable(message, "queue_key_full" if exc.per_key else "queue_full")
-            except QueueTimeout:
-                raise unavailable("waited too long for a slot", "queue_timeout") from None
+            await _enter(admission, out.ex.key_id, slots, "slot", weight)
             backend = self.backends.pick(slots, forward.affinity)
             try:
                 return await self.relay.run(out, forward, backend)
@@ -564,6 +585,24 @@ class Pipeline:
                 return
             await asyncio.sleep(SESSION_POLL_SECONDS)
 
+    async def _no_slot(self, conn: ClientConnection, out: Responder, forward: Forward) -> bool:
+        """Wait for a no-slot place (MAX_CONCURRENT_TOKENIZE), then relay, watching the client."""
+        task = conn.channel.current_task()
+        watch = conn.watch()
+        try:
+            await _enter(self.no_slot, out.ex.key_id, 1, "tokenizer place")
+            try:
+                return await self.relay.run(out, forward, self.backends.any())
+            finally:
+                self.no_slot.release()
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            task.uncancel()
+            raise ClientGone() from None
+        finally:
+            watch.stop()
+
     @staticmethod
     def _settled(ex: Exchange, reserved: int) -> int:
         """The tokens a finished request holds in its key's window."""
@@ -598,6 +637,22 @@ class Pipeline:
         headers.append(("X-Request-ID", request_id))
         headers.extend(forwarded)
         return request_bytes(head.method, target, headers, body)
+
+
+async def _enter(admission: Admission, key_id: str, slots: int, what: str, weight: int = 1) -> None:
+    """Take ``slots`` of ``admission`` (places of kind ``what``), waiting in its fair queue,
+    or refuse with 503."""
+    try:
+        await admission.acquire(key_id, slots, weight)
+    except QueueFull as exc:
+        message = (
+            f"key '{key_id}' already holds its {admission.per_key} queue places"
+            if exc.per_key
+            else f"all {what}s are busy and the queue is full"
+        )
+        raise unavailable(message, "queue_key_full" if exc.per_key else "queue_full") from None
+    except QueueTimeout:
+        raise unavailable(f"waited too long for a {what}", "queue_timeout") from None
 
 
 def _no_body(head: RequestHead) -> None:

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from . import assemble
+from . import assemble, cache_counters
+from .cache_counters import CACHE_MARK
 from .backend import BACKEND_LIMITS, BackendConnection, BackendUnavailable
 from .config import Config
 from .errors import sse_error_event
@@ -82,6 +83,18 @@ class Forward:
     # The request's resumable-stream id as llama-server knows it (X-Conversation-Id).
     session: str | None = None
     return_tokens: bool = False  # a native reply keeps its token ids (the client asked)
+    conceal: bool = False  # prompt-cache counters read "nothing cached" (cache_counters.py)
+
+
+def _concealed(body: bytes) -> bytes:
+    """A whole JSON response with its prompt-cache counters reading "nothing cached"."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return body  # not JSON: nothing of ours to read in it
+    if not cache_counters.conceal(message):
+        return body
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def backend_failure(status: int, message: str, kind: str) -> Refusal:
@@ -91,9 +104,10 @@ def backend_failure(status: int, message: str, kind: str) -> Refusal:
 class IdleWatchdog:
     """Cancels the current task when no progress was seen for ``timeout`` seconds.
 
-    Progress is a ``touch()`` or, for a stream pipe, its read count moving on. One timer
-    per stream, looking every quarter of the timeout, instead of work per read: it fires
-    between 1 and 1.25 timeouts after the last progress.
+    Progress is a ``touch()`` or, for a stream pipe, its read count moving on (or its
+    reading being paused for a slow client, which SLOW_CLIENT_TIMEOUT bounds instead).
+    One timer per stream, looking every quarter of the timeout, instead of work per read:
+    it fires between 1 and 1.25 timeouts after the last progress.
     """
 
     __slots__ = ("_loop", "_task", "_timeout", "_last", "_handle", "_pipe", "_reads", "fired")
@@ -114,7 +128,7 @@ class IdleWatchdog:
 
     def _check(self) -> None:
         now = self._loop.time()
-        if self._pipe is not None and self._pipe.reads != self._reads:
+        if self._pipe is not None and (self._pipe.reads != self._reads or self._pipe.paused):
             self._reads = self._pipe.reads
             self._last = now
         if now >= self._last + self._timeout:
@@ -152,7 +166,9 @@ class Relay:
         bconn, bhead = await leg.head(fwd.request, out)
         if fwd.shape is Shape.ASSEMBLED and bhead.status == 200 and bhead.chunked:
             return await leg.assembled(out, fwd, bconn)
-        return await leg.whole(out, bconn, bhead, fwd.keep_alive, fwd.models, fwd.rewrite)
+        return await leg.whole(
+            out, bconn, bhead, fwd.keep_alive, fwd.models, fwd.rewrite, fwd.conceal
+        )
 
     async def static(
         self, out: Responder, request: bytes, backend: Backend, keep_alive: bool, head_only: bool
@@ -233,6 +249,7 @@ class _Leg:
         keep: bool,
         models: frozenset[str] | None = None,
         rewrite: Callable[[bytes], bytes] | None = None,
+        conceal: bool = False,
     ) -> bool:
         """Read and forward a whole response (also the backend's own error responses)."""
         try:
@@ -243,6 +260,8 @@ class _Leg:
             out.ex.tally.add_body(body)
             if models is not None:
                 body = filter_listing(body, models)
+            if conceal and CACHE_MARK in body:
+                body = _concealed(body)
             if rewrite is not None:
                 body = rewrite(body)
         extra = [("Retry-After", bhead.get("retry-after") or "5")] if bhead.status == 503 else None
@@ -309,6 +328,8 @@ class _Leg:
         else:
             self.pool.release(bconn, not bconn.buf)
         body = assembler.body()
+        if fwd.conceal and CACHE_MARK in body:
+            body = _concealed(body)
         return out.send(
             200, body, content_type="application/json; charset=utf-8", keep_alive=fwd.keep_alive
         )
@@ -351,7 +372,9 @@ class _Leg:
 
         if bhead.status != 200 or not bhead.chunked:
             if not committed:
-                return await self.whole(out, bconn, bhead, fwd.keep_alive, fwd.models, fwd.rewrite)
+                return await self.whole(
+                    out, bconn, bhead, fwd.keep_alive, fwd.models, fwd.rewrite, fwd.conceal
+                )
             message = f"llama-server answered {bhead.status}"
             try:
                 body = await self._body(bconn, bhead)
@@ -374,7 +397,11 @@ class _Leg:
         assert client.transport is not None and bconn.channel.transport is not None
         tally = out.ex.tally if fwd.count_usage else None
         pipe = stream_pipe_type(client)(
-            client, decode=not fwd.http11, tally=tally, strip_usage=fwd.strip_usage
+            client,
+            decode=not fwd.http11,
+            tally=tally,
+            strip_usage=fwd.strip_usage,
+            conceal=fwd.conceal,
         )
         pipe.watch = fwd.watch
         watchdog = IdleWatchdog(client, self.config.stream_idle_timeout, pipe)
@@ -383,11 +410,21 @@ class _Leg:
         transport.set_protocol(pipe)
         pipe.connection_made(transport)
         transport.resume_reading()
+        # A client more than RESPONSE_BUFFER_SIZE behind pauses llama-server's stream, and
+        # with it the slot's release: that may last SLOW_CLIENT_TIMEOUT in all, however
+        # the client trickles (each small read would otherwise count as progress).
+        patience = self.config.slow_client_timeout
         try:
             if early:
                 pipe.data_received(early)
             while await pipe.next_event() is PipeEvent.PAUSED:
-                await client.drain()
+                since = client.time()
+                try:
+                    async with asyncio.timeout(patience):
+                        await client.drain()
+                except TimeoutError:
+                    return self._too_slow(out, bconn, pipe)
+                patience -= client.time() - since
                 watchdog.touch()
                 pipe.resume()
         except asyncio.CancelledError:
@@ -410,6 +447,20 @@ class _Leg:
         self.pool.release(bconn, reusable and not pipe.backend_closed)
         out.ex.sent += pipe.sent
         return fwd.keep_alive if fwd.http11 else False
+
+    def _too_slow(self, out: Responder, bconn: BackendConnection, pipe: StreamPipe) -> bool:
+        """Cut a client that kept the stream waiting past SLOW_CLIENT_TIMEOUT.
+
+        Both connections are dropped at once: llama-server frees the slot, and the
+        client's unread bytes are not kept for it.
+        """
+        bconn.close()
+        out.channel.abort()
+        out.ex.sent += pipe.sent
+        out.ex.refused = "slow_client"
+        out.ex.error = "the client did not read the stream within SLOW_CLIENT_TIMEOUT"
+        log.warning("%s client cut: %s", out.ex.request_id, out.ex.error)
+        return False
 
     def _failed(
         self,

@@ -23,6 +23,12 @@ log = logging.getLogger("gateway")
 
 # Published states, shared with health_server.py and start.sh.
 STARTING, LOADING, READY, DRAINING, FAILED = "starting", "loading", "ready", "draining", "failed"
+# A backend state, never published: it accepts connections but its /health did not
+# answer within HEALTH_POLL_TIMEOUT. It is routed around, and back in once it answers.
+UNRESPONSIVE = "unresponsive"
+# llama-server answers /health from its HTTP threads without waiting for a slot, in
+# milliseconds even mid-generation; seconds of silence mean it is stuck.
+HEALTH_POLL_TIMEOUT = 5.0
 DOWNLOADING = "downloading"  # the supervisor is fetching the model from the Hub
 # The platform probe contract (RunPod's load balancer): 204 initializing, 200 healthy,
 # anything else unhealthy. The one definition for the health responder and the gateway.
@@ -52,7 +58,9 @@ class Readiness:
     """The backends' states, polled on loopback, and the state published for the probes.
 
     The gateway is ready when every backend is: one that dies ends the container anyway
-    (the supervisor's rule), and until then it is taken out of routing.
+    (the supervisor's rule), and until then it is taken out of routing. A backend that
+    is alive but stops answering its health poll is unresponsive: out of routing while
+    it lasts, and the gateway stays ready while another backend is.
     """
 
     def __init__(
@@ -155,8 +163,10 @@ class Readiness:
 
     def _update(self) -> None:
         states = {b.state for b in self.backends}
-        if states == {READY}:
+        if READY in states and states <= {READY, UNRESPONSIVE}:
             combined = READY
+        elif states == {UNRESPONSIVE}:
+            combined = "down"
         elif "down" in states and (self.ever_ready or states == {"down"}):
             combined = "down"
         elif LOADING in states or READY in states:
@@ -179,7 +189,9 @@ class Readiness:
             publish_state(self.state_file, self.status)
 
     async def _get(self, backend: Backend, path: str) -> tuple[int, bytes]:
-        return await simple_get(self.host, backend.port, path, self.api_key, timeout=5.0)
+        return await simple_get(
+            self.host, backend.port, path, self.api_key, timeout=HEALTH_POLL_TIMEOUT
+        )
 
     async def _learn(self, backend: Backend) -> None:
         try:
@@ -200,8 +212,19 @@ class Readiness:
     async def _check(self, backend: Backend) -> None:
         try:
             status, _ = await self._get(backend, "/health")
-        except (BackendUnavailable, TimeoutError):
+        except BackendUnavailable:
             backend.state = "down"
+            return
+        except TimeoutError:
+            if backend.state != UNRESPONSIVE:
+                log.warning(
+                    "llama-server %d (port %d) did not answer /health within %ss: "
+                    "routing around it until it does",
+                    backend.index,
+                    backend.port,
+                    HEALTH_POLL_TIMEOUT,
+                )
+            backend.state = UNRESPONSIVE
             return
         if status != 200:
             backend.state = LOADING

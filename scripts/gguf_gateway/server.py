@@ -147,6 +147,12 @@ class Gateway:
         return self._channel(MAX_PIPELINED, self._connected)
 
     def _connected(self, channel: Channel) -> None:
+        assert channel.transport is not None
+        # Responses are buffered for the client up to RESPONSE_BUFFER_SIZE (not the
+        # transport's default 64 KiB): a generation that fits is out of llama-server,
+        # and its slot free, however slowly the client reads it.
+        buffer = self.config.response_buffer_size
+        channel.transport.set_write_buffer_limits(high=buffer, low=buffer // 4)
         conn = ClientConnection(channel, self.limits)
         # The connection holds its task: the loop keeps only weak references to tasks.
         conn.task = channel.current_loop().create_task(self._connection(conn))
@@ -200,11 +206,17 @@ class Gateway:
                 linger = outcome.linger
                 if not outcome.keep_alive or self.readiness.draining:
                     break
+                # The request's slot and limits are given back already; its response
+                # may still be buffered. A client that cannot take it in time is cut
+                # rather than read from again.
+                if not await conn.caught_up(self.config.slow_client_timeout):
+                    break
         except ConnectionError:
             pass
         finally:
             self._connections.pop(channel, None)
         await conn.close(linger=linger and not self.readiness.draining)
+        conn.flush_within(self.config.slow_client_timeout)
 
     async def _request(self, conn: ClientConnection, head: RequestHead) -> Outcome:
         pipeline = self.pipeline

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from . import cache_counters
+from .cache_counters import CACHE_MARK
+
 USAGE_MARK = b'"usage":'
 # llama.cpp's native completion format has no usage object: a task's final event
 # (``"stop":true``; every other event says false) carries its token counts.
@@ -45,6 +48,12 @@ def data_of(event: bytes) -> bytes:
     """The ``data`` of one SSE event (its data lines joined, as the SSE spec says)."""
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines)
+
+
+def with_data(event: bytes, data: bytes) -> bytes:
+    """``event`` with its data lines replaced by one line holding ``data`` (one JSON line)."""
+    lines = [line for line in event.split(b"\n") if not line.startswith(b"data:")]
+    return b"\n".join([*lines, b"data: " + data])
 
 
 def usage_of(message: object) -> dict[str, Any] | None:
@@ -134,23 +143,30 @@ class UsageTally:
         if usage is not None:
             self.add(usage)
 
-    def add_events(self, payload: bytes, drop_usage_only: bool) -> bytes:
+    def add_events(self, payload: bytes, drop_usage_only: bool, conceal: bool = False) -> bytes:
         """Tally the usage in complete SSE events; returns them, less unwanted usage chunks.
 
-        ``payload`` is decoded SSE text made of whole events.
+        ``payload`` is decoded SSE text made of whole events. ``conceal``: events with
+        prompt-cache counters are rewritten to read "nothing cached" (cache_counters.py),
+        after the tally has the real figures.
         """
         events = payload.split(b"\n\n")
         kept: list[bytes] = []
         for event in events:
-            if self.mark in event:
+            hidden = conceal and CACHE_MARK in event
+            if self.mark in event or hidden:
                 try:
-                    usage = usage_of(json.loads(data_of(event)))
+                    message = json.loads(data_of(event))
                 except ValueError:
-                    usage = None
+                    message = None
+                usage = usage_of(message)
                 if usage is not None:
                     self.add(usage)
                     if drop_usage_only and USAGE_ONLY in event:
                         continue
+                if hidden and cache_counters.conceal(message):
+                    compact = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+                    event = with_data(event, compact.encode())
             kept.append(event)
         return b"\n\n".join(kept)
 

@@ -90,6 +90,9 @@ def _start_gateway(server: Any, backend_port: int) -> subprocess.Popen[bytes]:
         "CORS_ORIGINS": server.cors_origins or ("localhost" if server.server_tools else "*"),
         # The server's tools or its CORS proxy (the UI's MCP proxy) turned on: allowed here too.
         "ALLOW_SERVER_TOOLS": "true" if server.server_tools or server.ui_mcp_proxy else "false",
+        # The suite is one tenant checking llama-server's cache counters (cached_tokens,
+        # timings.cache_n, return_progress): a multi-tenant gateway reads them as 0.
+        "EXPOSE_PROMPT_CACHE": "true",
         "PYTHONUNBUFFERED": "1",
     }
     log = open(logs / f"gateway-{server.server_port}.log", "ab")

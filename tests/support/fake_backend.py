@@ -34,12 +34,14 @@ class FakeBackend:
     """Modes: hang, reset_mid_stream, silent_mid_stream, garbage, slow_head, close_before_head,
     usage_first_then_pause, oversized_answer."""
 
-    def __init__(self, mode: str, delay: float = 1.0) -> None:
+    def __init__(self, mode: str, delay: float = 1.0, port: int = 0) -> None:
         self.mode = mode
         self.delay = delay
+        # Set: /health is read and never answered (alive, but hung).
+        self.health_hangs = threading.Event()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.generation_requests = 0
@@ -88,6 +90,9 @@ class FakeBackend:
                     if head is None:
                         return
                     path = head.split(b" ")[1]
+                    if path == b"/health" and self.health_hangs.is_set():
+                        self._stop.wait(60)
+                        return
                     if path == b"/health":
                         conn.sendall(_json(b'{"status":"ok"}'))
                     elif path == b"/props":

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from gguf_gateway import http11
 from gguf_gateway.http11 import (
+    FREE_CHUNKS,
+    MIN_CHUNK_AVERAGE,
     ChunkedDecoder,
     ChunkedScanner,
     HttpError,
@@ -251,6 +253,28 @@ def test_malformed_chunked_bodies_are_refused(raw: bytes, status: int) -> None:
         with pytest.raises(HttpError) as caught:
             decode_chunked(pieces)
         assert caught.value.status == status, mode
+
+
+def test_a_body_in_tiny_chunks_is_refused_before_it_costs_much() -> None:
+    tiny = b"1\r\nx\r\n" * (FREE_CHUNKS + 2) + b"0\r\n\r\n"
+    for mode, pieces in feeds(tiny):
+        with pytest.raises(HttpError) as caught:
+            decode_chunked(pieces, max_body=1 << 20)
+        assert caught.value.status == 400, mode
+        assert "too many small chunks" in caught.value.message, mode
+
+
+def test_many_chunks_pass_when_they_carry_enough_bytes() -> None:
+    # Twice FREE_CHUNKS chunks of MIN_CHUNK_AVERAGE bytes: a streaming client's upload.
+    piece = b"a" * MIN_CHUNK_AVERAGE
+    body = chunk(piece) * (2 * FREE_CHUNKS) + b"0\r\n\r\n"
+    out, done, _ = decode_chunked([body], max_body=1 << 22)
+    assert done and out == piece * (2 * FREE_CHUNKS)
+    # Small chunks within the free allowance pass too, and responses are not bounded.
+    few = b"1\r\nx\r\n" * FREE_CHUNKS + b"0\r\n\r\n"
+    assert decode_chunked([few], max_body=1 << 20)[:2] == (b"x" * FREE_CHUNKS, True)
+    decoder = ChunkedDecoder(LIMITS)
+    assert decoder.feed(bytearray(b"1\r\nx\r\n" * 10 * FREE_CHUNKS)) == b"x" * 10 * FREE_CHUNKS
 
 
 def test_scanner_follows_chunk_boundaries_without_copying() -> None:
