@@ -142,6 +142,12 @@ def period_end(kind: str, wall: float) -> float:
     return float(calendar.timegm((year, month, 1, 0, 0, 0)))
 
 
+def period_start(kind: str, wall: float) -> float:
+    """Epoch seconds at which the period holding ``wall`` began."""
+    t = time.gmtime(wall)
+    return float(calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday if kind == DAY else 1, 0, 0, 0)))
+
+
 def stamp(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
@@ -153,7 +159,7 @@ class CalendarQuota:
     without Redis): what headers and refusals show when it is known.
     """
 
-    __slots__ = ("kind", "limit", "period", "used", "shared")
+    __slots__ = ("kind", "limit", "period", "used", "shared", "_start", "_end")
 
     def __init__(self, kind: str, limit: int) -> None:
         self.kind = kind
@@ -161,9 +167,15 @@ class CalendarQuota:
         self.period = ""
         self.used = 0
         self.shared: int | None = None
+        # The current period's bounds (epoch seconds), so most calls need no calendar.
+        self._start = self._end = 0.0
 
     def roll(self, wall: float) -> str:
+        if self._start <= wall < self._end:
+            return self.period
         period = period_of(self.kind, wall)
+        self._end = period_end(self.kind, wall)
+        self._start = period_start(self.kind, wall)
         if period != self.period:
             self.period, self.used, self.shared = period, 0, None
         return period
@@ -181,7 +193,8 @@ class CalendarQuota:
         return max(0, self.limit - self.spent(wall))
 
     def reset_in(self, wall: float) -> float:
-        return period_end(self.kind, wall) - wall
+        self.roll(wall)
+        return self._end - wall
 
     def fits(self, tokens: int, wall: float) -> float:
         """0 when ``tokens`` fit now; else seconds to the period's end (inf: never)."""
