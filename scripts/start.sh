@@ -486,11 +486,13 @@ start_llama_servers() {
     mapfile -d '' -t args < <(llama_args "$MODELS_DIR" "$key_file" "$port")
     prefix="[llama-server]"
     ((BACKEND_COUNT > 1)) && prefix="[llama-server $i]"
+    # Under Vertex AI (AIP_MODE=PREDICTION) llama-server moves to AIP_HTTP_PORT, the
+    # container's serving port, which is the gateway's: keep it on its own.
     if ((BACKEND_COUNT > 1 && ${#GPUS[@]})); then
-      CUDA_VISIBLE_DEVICES="${GPUS[i % ${#GPUS[@]}]}" \
+      AIP_HTTP_PORT="$port" CUDA_VISIBLE_DEVICES="${GPUS[i % ${#GPUS[@]}]}" \
         "$bin" "${args[@]}" > >(sed -u "s/^/$prefix /" >&2) 2>&1 &
     else
-      "$bin" "${args[@]}" > >(sed -u "s/^/$prefix /" >&2) 2>&1 &
+      AIP_HTTP_PORT="$port" "$bin" "${args[@]}" > >(sed -u "s/^/$prefix /" >&2) 2>&1 &
     fi
     LLAMA_PIDS+=("$!")
   done
@@ -711,9 +713,19 @@ supervise() {
   done
 }
 
+# default_port: the gateway's port when PORT is unset: 8000, or under Vertex AI
+# (AIP_MODE=PREDICTION) the port it sends requests and probes to, AIP_HTTP_PORT.
+default_port() {
+  if [[ "${AIP_MODE:-}" == "PREDICTION" ]]; then
+    echo "${AIP_HTTP_PORT:-8080}"
+  else
+    echo 8000
+  fi
+}
+
 main() {
   BOOT_TIME="$(now_epoch)"
-  export HOST="${HOST:-0.0.0.0}" PORT="${PORT:-8000}"
+  export HOST="${HOST:-0.0.0.0}" PORT="${PORT:-$(default_port)}"
   export PORT_BACKEND="${PORT_BACKEND:-8090}" DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-8}"
   validate_settings
 

@@ -679,3 +679,85 @@ def test_streams_are_found_on_whichever_backend_holds_them(
     assert call(gw.port, "GET", "/v1/stream?conv_id=on-two", BOB)[0] == 404
     assert call(gw.port, "DELETE", "/v1/stream?conv_id=on-two", ALICE)[0] == 204
     assert json.loads(call(gw.port, "POST", "/v1/streams/lookup", ALICE, lookup)[2]) == []
+
+
+@pytest.fixture(scope="module")
+def vertex_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    """Both sides as Vertex AI runs the container for predictions (AIP_MODE=PREDICTION)."""
+    root = tmp_path_factory.mktemp("vertex")
+    model = root / "fim.gguf"
+    write_model(model, fim=True)
+    port = free_port()
+    args = [
+        llama_server_bin(),
+        "-m", str(model),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--api-key", BACKEND_KEY,
+        "-np", "2",
+        "-c", "4096",
+        "--threads", "1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "AIP_"))}
+    # llama-server listens on AIP_HTTP_PORT in this mode: its own port.
+    env |= {"AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": str(port)}
+    proc = Process(args, env, root / "llama-server.log").start()
+    try:
+        wait_until(lambda: answers(port, "/health") or not proc.alive(), 60, "llama-server")
+        keys = root / "keys.txt"
+        keys.write_text(f"alice:{ALICE}\ntpm:{TPM} tpm=5000\n")
+        settings = gateway_env(port, keys) | {
+            "AIP_MODE": "PREDICTION",
+            "AIP_HEALTH_ROUTE": "/vertex-health",
+        }
+        gw_proc, gw_port = start_gateway(settings, root / "gateway.log")
+        try:
+            yield GatewayHandle(gw_proc, gw_port, Backend(proc, port, BACKEND_KEY, model))
+        finally:
+            gw_proc.stop()
+    finally:
+        proc.stop()
+
+
+def test_vertex_predictions_are_checked_and_counted_per_instance(vertex_gw: GatewayHandle) -> None:
+    gw = vertex_gw
+    assert call(gw.port, "GET", "/vertex-health", "")[0] == 200
+    instances = [
+        {"@requestFormat": "chatCompletions", **CHAT, "ignore_eos": True},
+        {"@requestFormat": "/completion", "prompt": "hi", "n_predict": 4, "ignore_eos": True},
+        {"@requestFormat": "tokenize", "content": "hello"},
+    ]
+    status, _, body = call(gw.port, "POST", "/predict", TPM, {"instances": instances})
+    assert status == 200, body
+    chat, native, tokenized = json.loads(body)["predictions"]
+    assert chat["usage"]["completion_tokens"] == 3 and native["tokens_predicted"] == 4
+    assert tokenized["tokens"]
+    used = chat["usage"]["total_tokens"] + native["tokens_evaluated"] + 4
+    # Settled to what every instance used: the next response shows what is left.
+    status, headers, _ = call(gw.port, "POST", "/tokenize", TPM, {"content": "a"})
+    assert status == 200 and int(headers["x-ratelimit-remaining-tokens"]) == 5000 - used
+
+    refused = [
+        ({"@requestFormat": "slots", "action": "erase"}, "instances[0].@requestFormat"),
+        ({"@requestFormat": "/v1/streams/lookup"}, "instances[0].@requestFormat"),
+        ({"@requestFormat": "nothing"}, "instances[0].@requestFormat"),
+        (
+            {
+                "@requestFormat": "chatCompletions",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://x/y"}}],
+                    }
+                ],
+            },
+            "image_url",
+        ),
+    ]
+    for instance, param in refused:
+        status, _, body = call(gw.port, "POST", "/predict", ALICE, {"instances": [instance]})
+        assert status == 400 and json.loads(body)["error"]["param"] == param, body
+    # An instance's length counts against the key like the request it stands for.
+    big = {"@requestFormat": "completion", "prompt": "hi", "n_predict": 3000}
+    status, _, _ = call(gw.port, "POST", "/predict", TPM, {"instances": [big, big, big]})
+    assert status == 429

@@ -160,6 +160,15 @@ def _path(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _vertex(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    """One of Vertex AI's routes when it runs the container for predictions (AIP_MODE)."""
+    if env.get("AIP_MODE", "").strip() != "PREDICTION":
+        return None
+    if default is None and not env.get(name, "").strip():
+        return None
+    return _path(env, name, default or "")
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = "0.0.0.0"
@@ -209,6 +218,9 @@ class Config:
 
     allow_remote_media: bool = False
     allow_server_tools: bool = False  # /tools and /cors-proxy reach llama-server (admin)
+    # Vertex AI (AIP_MODE=PREDICTION): its prediction and health routes; None: off.
+    vertex_predict_route: str | None = None
+    vertex_health_route: str | None = None
     redis_url: str = ""  # empty: limits in memory, per replica
     redis_lease_seconds: float = 30.0
     cors_origins: tuple[str, ...] = ()
@@ -278,6 +290,8 @@ class Config:
             metrics_auth_enabled=_bool(env, "METRICS_AUTH_ENABLED", False),
             allow_remote_media=_bool(env, "ALLOW_REMOTE_MEDIA", False),
             allow_server_tools=_bool(env, "ALLOW_SERVER_TOOLS", False),
+            vertex_predict_route=_vertex(env, "AIP_PREDICT_ROUTE", "/predict"),
+            vertex_health_route=_vertex(env, "AIP_HEALTH_ROUTE", None),
             redis_url=_redis_url(env),
             redis_lease_seconds=_seconds(env, "REDIS_LEASE_SECONDS", 30.0),
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

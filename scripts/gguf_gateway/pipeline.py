@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from . import bodies, model_scope, tenancy, tokens, webui
+from . import bodies, model_scope, tenancy, tokens, vertex, webui
 from .access import AccessControl, Ticket
 from .backend import BackendUnavailable, simple_exchange
 from .backends import Backend, prefix_key
@@ -44,9 +44,10 @@ from .proxy import Forward, Relay, Shape
 from .readiness import LOADING, Readiness
 from .refusals import Refusal, bad_request, unavailable
 from .responses import Exchange, Responder
+from .routes import vertex_route
 from .routes import ADMIN_METRICS, ROUTES, Cost, Form, Kind, Route
 from .scrub import scrub_paths
-from .sse import NATIVE_MARK
+from .sse import NATIVE_MARK, PREDICTIONS_MARK
 
 log = logging.getLogger("gateway")
 
@@ -115,9 +116,20 @@ class Pipeline:
         self._backend_host = f"{config.backend_host}:{config.port_backend}"
         self._backend_auth = f"Bearer {config.backend_api_key}" if config.backend_api_key else ""
 
+    def _path_of(self, path: str) -> tuple[str, str | None] | None:
+        """The table's path for a request path (and its ``:param``), Vertex AI's included."""
+        if path == self.config.vertex_predict_route:
+            return path, None
+        if path == self.config.vertex_health_route:
+            return "/health", None
+        return ROUTES.path_of(path)
+
     def route_for(self, path: str) -> Route | None:
         """The route table's entry for a path, or the web UI's static files (WEBUI)."""
-        route = ROUTES.get(path)
+        found = self._path_of(path)
+        if found is not None and found[0] == self.config.vertex_predict_route:
+            return vertex_route(found[0])
+        route = ROUTES.get(found[0]) if found is not None else None
         if route is None and self.config.webui and webui.is_ui_path(path):
             return webui.UI_ROUTE
         return route
@@ -158,7 +170,7 @@ class Pipeline:
         if head.path in self._probe_paths and head.method in ("GET", "HEAD"):
             _no_body(head)
             return Outcome(self.endpoints.probe(out, head))
-        found = ROUTES.path_of(head.path)
+        found = self._path_of(head.path)
         ui = found is None and self.config.webui and webui.is_ui_path(head.path)
         if found is None and not ui:
             raise Refusal(404, f"no such endpoint: {head.path[:200]}", "not_found")
@@ -179,6 +191,9 @@ class Pipeline:
         if found is None:
             route, allowed = webui.UI_ROUTE, webui.UI_ROUTE.methods
             line: Route | None = route if head.method in allowed else None
+        elif found[0] == self.config.vertex_predict_route:
+            route, allowed = vertex_route(found[0]), frozenset({"POST"})
+            line = route if head.method in allowed else None
         else:
             table_path, param = found
             line, allowed = ROUTES.route(table_path, head.method), ROUTES.methods(table_path)
@@ -260,7 +275,8 @@ class Pipeline:
             if route.lists_models:
                 forward = dataclasses.replace(forward, models=key.models)
             else:
-                for model in [out.ex.model, *model_scope.query_models(head.query)]:
+                named = forward.models_named
+                for model in [out.ex.model, *model_scope.query_models(head.query), *named]:
                     self.access.check_model(
                         key, model, self.readiness.models, self.readiness.router
                     )
@@ -314,6 +330,8 @@ class Pipeline:
         headers: list[tuple[str, str]] = []
         rewrite: Callable[[bytes], bytes] | None = scrub_paths if route.scrub else None
         watch: tenancy.Watch | None = None
+        named: tuple[str, ...] = ()  # models named besides the body's own (instances)
+        loads = True  # may make router mode load a model (Vertex: every instance admitted)
         return_tokens = False
         if route.form is Form.AUDIO:
             # A multipart upload, not JSON: one task, up to the slot's context.
@@ -326,7 +344,16 @@ class Pipeline:
             bodies.inspect(payload, self.config.allow_remote_media)
             model = payload.get("model")
             out.ex.model = model if isinstance(model, str) else None
-            if route.admitted:  # only requests that take a slot are planned and routed
+            if route.form is Form.VERTEX:
+                # Instances, each checked and planned as the request it stands for.
+                checked = vertex.check_and_plan(
+                    payload, len(body), slot_ctx, self.config.allow_remote_media
+                )
+                plan, named = checked.plan, checked.models
+                loads = checked.all_admitted
+                out.ex.tally.mark = PREDICTIONS_MARK
+                canonical = True  # the instances as checked (server-owned fields gone)
+            elif route.admitted:  # only requests that take a slot are planned and routed
                 plan = tokens.plan(route.form, payload, len(body), slot_ctx)
                 if len(self.backends) > 1:
                     # Per key unless the deployment has one tenant (cache_counters.py).
@@ -390,7 +417,7 @@ class Pipeline:
         path = route.path
         if route.form is Form.SLOT_ACTION and param is not None:
             path, query = self._slot_action(route, param, query, body)
-        if self.readiness.router and not route.admitted:
+        if self.readiness.router and not (route.admitted and loads):
             # Router mode loads the model a request names: only requests that are
             # admitted (and counted) may make it load one.
             query["autoload"] = "false"
@@ -409,6 +436,7 @@ class Pipeline:
             count_usage=route.form is not Form.EVENTS,
             watch=watch,
             session=session,
+            models_named=named,
             return_tokens=return_tokens,
             conceal=route.admitted and not self.config.expose_prompt_cache,
         )
@@ -450,7 +478,7 @@ class Pipeline:
         most = min(admission.limit, self.backends.most_slots or admission.limit)
         slots = plan.tasks
         if slots > most:
-            if forward.form in tokens.INPUT_ONLY:
+            if forward.form in tokens.INPUT_ONLY or forward.form is Form.VERTEX:
                 # A batch of embeddings runs on every slot in turn: it takes them all.
                 slots = most
             else:

@@ -82,6 +82,7 @@ class Forward:
     watch: Callable[[bytes], bool] | None = None
     # The request's resumable-stream id as llama-server knows it (X-Conversation-Id).
     session: str | None = None
+    models_named: tuple[str, ...] = ()  # models named besides the body's (Vertex instances)
     return_tokens: bool = False  # a native reply keeps its token ids (the client asked)
     conceal: bool = False  # prompt-cache counters read "nothing cached" (cache_counters.py)
 

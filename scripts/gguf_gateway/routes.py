@@ -66,6 +66,9 @@ class Form(Enum):
     JSON = "json"  # any other JSON body, forwarded as it is
     NONE = "none"  # no body (GET, DELETE)
     MODELS = "models"  # a model listing: a key with models= sees only its own models
+    # Vertex AI's prediction protocol: {"instances": [...]}, each naming the route it is
+    # for in "@requestFormat"; {"predictions": [...]} back.
+    VERTEX = "vertex"
 
 
 # Formats whose non-streaming requests the gateway runs as streams and rebuilds
@@ -232,6 +235,14 @@ class Table:
 _SLOT_PATH = re.compile(r"/slots/([0-9]{1,4})")
 
 ROUTES = Table(TABLE)
+
+
+# Vertex AI's predict route (AIP_MODE=PREDICTION; its path is AIP_PREDICT_ROUTE): every
+# instance is a request to another route, which must itself be one an inference key may
+# send and is planned by its own format (vertex.py).
+def vertex_route(path: str) -> Route:
+    return Route(path, frozenset({"POST"}), Kind.PROXY, _INFER, Cost.GENERATE, Form.VERTEX)
+
 
 # /metrics when METRICS_AUTH_ENABLED=true.
 ADMIN_METRICS = Route("/metrics", frozenset({"GET", "HEAD"}), Kind.LOCAL, "admin", Cost.LOCAL)

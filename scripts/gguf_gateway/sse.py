@@ -19,6 +19,8 @@ USAGE_MARK = b'"usage":'
 # llama.cpp's native completion format has no usage object: a task's final event
 # (``"stop":true``; every other event says false) carries its token counts.
 NATIVE_MARK = b'"stop":true'
+# Vertex AI's predictions: one whole reply per instance, each with its own counts.
+PREDICTIONS_MARK = b'"predictions":'
 # The extra chunk stream_options.include_usage adds: no choices, only usage.
 USAGE_ONLY = b'"choices":[]'
 
@@ -137,11 +139,14 @@ class UsageTally:
         if self.mark not in body:
             return
         try:
-            usage = usage_of(json.loads(body))
+            message = json.loads(body)
         except ValueError:
             return
-        if usage is not None:
-            self.add(usage)
+        predictions = message.get("predictions") if isinstance(message, dict) else None
+        for item in predictions if isinstance(predictions, list) else (message,):
+            usage = usage_of(item)
+            if usage is not None:
+                self.add(usage)
 
     def add_events(self, payload: bytes, drop_usage_only: bool, conceal: bool = False) -> bytes:
         """Tally the usage in complete SSE events; returns them, less unwanted usage chunks.

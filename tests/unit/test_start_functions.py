@@ -415,3 +415,17 @@ def test_inherited_llama_env_is_scrubbed() -> None:
     }
     result = sourced("scrub_llama_env; env | grep ^LLAMA_ || true", env)
     assert result.stdout.split() == ["LLAMA_ARG_CTX_SIZE=4096"]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        pytest.param({}, "8000", id="default"),
+        pytest.param({"AIP_MODE": "PREDICTION"}, "8080", id="vertex-default"),
+        pytest.param({"AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": "9000"}, "9000", id="vertex"),
+        pytest.param({"AIP_HTTP_PORT": "9000"}, "8000", id="not-predicting"),
+    ],
+)
+def test_the_gateway_listens_where_vertex_ai_sends(env: dict[str, str], expected: str) -> None:
+    result = sourced("default_port", env)
+    assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr
