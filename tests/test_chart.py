@@ -323,7 +323,7 @@ def test_dashboard_config_map_is_the_grafana_file() -> None:
     assert shipped["panels"], "an empty dashboard"
 
 
-def test_chart_defaults_match_the_image_and_docs() -> None:
+def test_chart_defaults_and_the_documented_values() -> None:
     values = chart.values_in(chart.CHART / "values.yaml")
     assert values["gpu"]["count"] == 1 and values["autoscaling"]["kind"] == "none"
     assert values["redis"] == {**values["redis"], "url": "", "enabled": False}
