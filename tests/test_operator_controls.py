@@ -634,3 +634,9 @@ def test_key_mgmt_exports_lines_for_api_keys(tmp_path: Path) -> None:
     assert {k.key_id for k in ring.keys} == {"tenant", "other"}
     assert ring.match(secret) is not None
     assert key_mgmt("export", "nobody").returncode == 1
+
+
+def test_v1_key_without_auth_says_there_is_no_key(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(AUTH_ENABLED="false")
+    status, _, body = get(gw, "/v1/key", "anything")
+    assert status == 404 and "AUTH_ENABLED" in body["error"]["message"]
