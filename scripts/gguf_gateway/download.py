@@ -753,8 +753,9 @@ class Transfer:
         conn, response, url = self._open(job, conn)
         if response.status in (408, 429) or response.status >= 500:
             raise TransferFailed(f"answered {response.status}")
-        if response.status in (401, 403, 404, 410) and self.location is not None:
-            # A redirect's signed URL may expire during a long download: resolve it again.
+        if response.status in (401, 403, 404, 410) and url != self.source.url:
+            # A redirect's signed URL may expire during a long download: resolve it again
+            # (a refusal that persists still ends the attempt after a few tries).
             self.location = None
             raise TransferFailed(f"the redirected URL answered {response.status}")
         if response.status == 416:

@@ -121,6 +121,10 @@ class FakeHub:
     # the same URL over http.
     tls: ssl.SSLContext | None = None
     downgrade: bool = False
+    # The Hub's resolve answers 302 to this base URL + the same path (a CDN); as the CDN,
+    # the resolve GETs whose ordinals are in ``expire`` answer 403 (a signed URL expired).
+    redirect_to: str | None = None
+    expire: set[int] = field(default_factory=set)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     transfers: list[Transfer] = field(default_factory=list)
     max_active: int = 0  # the most resolve GETs sending at once
@@ -249,6 +253,12 @@ class FakeHub:
             if file not in repo.files:
                 return self._json(handler, 404, {"error": "Entry not found"})
             tls = isinstance(handler.connection, ssl.SSLSocket)
+            if self.redirect_to is not None:
+                handler.send_response(302)
+                handler.send_header("Location", f"{self.redirect_to}{handler.path}")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
             if self.downgrade and tls:
                 handler.send_response(302)
                 handler.send_header("Location", f"http://127.0.0.1:{self.port}{handler.path}")
@@ -303,12 +313,16 @@ class FakeHub:
             ordinal = self._ordinal
             if with_body:
                 self._ordinal += 1
+            expired = with_body and ordinal in self.expire
+            if with_body and not expired:
                 self._active += 1
                 self.max_active = max(self.max_active, self._active)
+        if expired:
+            return self._json(handler, 403, {"error": "Request has expired"})
         try:
             self._send_body(handler, key, data, with_body, tls, ordinal, asked, start, end)
         finally:
-            if with_body:
+            if with_body and not expired:
                 with self._lock:
                     self._active -= 1
 

@@ -384,3 +384,29 @@ def test_a_disk_filling_up_mid_file_keeps_the_parts_already_recorded(
         assert server.sent() - sent <= (1024 - kept) * 4096  # only what was not recorded
     finally:
         server.stop()
+
+
+def test_parts_come_from_the_cdn_without_the_token_and_an_expired_url_is_resolved_again(
+    tmp_path: Path,
+) -> None:
+    files = {"owner/tiny": HubRepo({NAME: BIG}, gated=True)}
+    # The first GET at the CDN finds its signed URL expired.
+    cdn = FakeHub({"owner/tiny": HubRepo({NAME: BIG})}, expire={0}).start()
+    hub = FakeHub(files, redirect_to=cdn.url).start()
+    try:
+        # One connection, so the Hub's resolve calls can be counted exactly.
+        result = fetch(tmp_path, hub.url, HF_TOKEN=TOKEN, DOWNLOAD_CONNECTIONS="1")
+        hub.settle()
+        cdn.settle()
+    finally:
+        hub.stop()
+        cdn.stop()
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).read_bytes() == BIG
+    # The Hub (a gated repo) saw the token on every call; the CDN, another origin, never.
+    assert all(h.get("Authorization") == f"Bearer {TOKEN}" for _, _, h in hub.requests)
+    assert cdn.requests and not any("Authorization" in h for _, _, h in cdn.requests)
+    assert cdn.sent() == len(BIG) and hub.sent() == 0
+    # The expired answer sent the downloader back to the Hub for a fresh redirect.
+    resolves = [p for _, p, _ in hub.requests if "/resolve/" in p]
+    assert len(resolves) == 2
