@@ -156,6 +156,30 @@ def test_a_client_that_cannot_take_a_stream_is_cut_and_its_slot_freed(
     assert b'gateway_rejections_total{reason="slow_client"} 1' in metrics
 
 
+def test_a_finished_answer_not_taken_in_time_is_cut(make_gateway: GatewayFactory) -> None:
+    """A non-streaming answer is out of llama-server at once (its slot free); a client that
+    leaves it unread for SLOW_CLIENT_TIMEOUT loses its connection, and its buffer with it."""
+    gw = make_gateway(
+        MAX_CONCURRENT_REQUESTS="1", SLOW_CLIENT_TIMEOUT="2", RESPONSE_BUFFER_SIZE="65536"
+    )
+    payload = big_stream(5000)  # some 5.5 MB as one JSON answer: more than sockets hold
+    payload["stream"] = False
+    del payload["stream_options"]
+    sock = slow_reader(gw.port, ALICE, payload)
+    try:
+        wait_until(lambda: health(gw)["slots"]["in_use"] == 1, 30, "the answer to start", 0.05)
+        status, body = post(gw.port, "/v1/chat/completions", OPS, chat("hi", 5), timeout=100)
+        assert status == 200, body
+        # Long past SLOW_CLIENT_TIMEOUT: the gateway has given up on this client.
+        wait_until(lambda: b'reason="slow_client"' in http_get(gw.port, "/metrics")[1], 60, "cut")
+        got = read_all(sock)
+    finally:
+        sock.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert length > 3 << 20 and len(body) < length
+
+
 # ------------------------------------------------------------------ no-slot routes
 
 

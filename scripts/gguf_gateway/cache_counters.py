@@ -19,6 +19,7 @@ token's text from producing it unescaped, and a false hit only costs a parse).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 CACHE_MARK = b'"cache'
@@ -53,6 +54,30 @@ def conceal(message: object) -> bool:
         del message["prompt_progress"]
         changed = True
     return changed
+
+
+def conceal_payload(payload: bytes) -> tuple[bytes, int]:
+    """One event's JSON text made to read "nothing cached", and the cached tokens it hid.
+
+    For a reply assembled from events: each event is concealed before the assembler sees
+    it, so that the whole reply (logprobs and all) is never parsed again for this.
+    """
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        return payload, 0
+    if not isinstance(message, dict):
+        return payload, 0
+    hidden = 0
+    for holder in (message, message.get("response"), message.get("message")):
+        usage = holder.get("usage") if isinstance(holder, dict) else None
+        if isinstance(usage, dict):
+            details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+            found = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+            hidden += found or _count(usage.get("cache_read_input_tokens")) or 0
+    if not conceal(message):
+        return payload, 0
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode(), hidden
 
 
 def _count(value: object) -> int | None:

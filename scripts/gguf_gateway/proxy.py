@@ -288,7 +288,8 @@ class _Leg:
     # ------------------------------------------------------------------ assembled
 
     async def assembled(self, out: Responder, fwd: Forward, bconn: BackendConnection) -> bool:
-        assembler = assemble.assembler_for(fwd.form, out.ex.tally, fwd.return_tokens)
+        tally = out.ex.tally
+        assembler = assemble.assembler_for(fwd.form, tally, fwd.return_tokens)
         decoder = ChunkedDecoder(BACKEND_LIMITS)
         events = SseEvents()
         watchdog = IdleWatchdog(out.channel, self.config.stream_idle_timeout)
@@ -298,7 +299,12 @@ class _Leg:
                 for payload in events.feed(decoder.feed(bconn.buf)):
                     if watch is not None and watch(payload):
                         watch = None
+                    hidden = 0
+                    if fwd.conceal and CACHE_MARK in payload:
+                        payload, hidden = cache_counters.conceal_payload(payload)
                     assembler.add(payload)
+                    if hidden:  # the ledger keeps what happened
+                        tally.cached = (tally.cached or 0) + hidden
                 if decoder.done or assembler.finished:
                     break
                 if not await bconn.channel.more():
@@ -329,8 +335,6 @@ class _Leg:
         else:
             self.pool.release(bconn, not bconn.buf)
         body = assembler.body()
-        if fwd.conceal and CACHE_MARK in body:
-            body = _concealed(body)
         return out.send(
             200, body, content_type="application/json; charset=utf-8", keep_alive=fwd.keep_alive
         )

@@ -210,6 +210,8 @@ class Gateway:
                 # may still be buffered. A client that cannot take it in time is cut
                 # rather than read from again.
                 if not await conn.caught_up(self.config.slow_client_timeout):
+                    self.metrics.rejections["slow_client"] += 1
+                    log.warning("client cut: its response not taken within SLOW_CLIENT_TIMEOUT")
                     break
         except ConnectionError:
             pass

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gguf_gateway.cache_counters import conceal, without_cache_metrics
+from gguf_gateway.cache_counters import conceal, conceal_payload, without_cache_metrics
 from gguf_gateway.http11 import LAST_CHUNK, ChunkedDecoder, Limits, chunk
 from gguf_gateway.pipe import PipeEvent, stream_pipe_type
 from gguf_gateway.sse import UsageTally
@@ -138,3 +138,11 @@ def test_a_counter_in_the_second_half_of_a_split_chunk_is_still_concealed(
             sock.close()
 
     run(loop_name, body)
+
+
+def test_an_event_for_the_assembler_is_concealed_and_says_what_it_hid() -> None:
+    payload = json.dumps(FINAL).encode()
+    concealed, hidden = conceal_payload(payload)
+    assert hidden == 7 and json.loads(concealed)["timings"]["cache_n"] == 0
+    assert conceal_payload(concealed) == (concealed, 0)  # nothing left to hide
+    assert conceal_payload(b"[DONE]") == (b"[DONE]", 0)
