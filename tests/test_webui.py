@@ -182,6 +182,60 @@ def test_webui_false_makes_the_ui_404(ui_backend: Backend, keys_file: Path, tmp_
         proc.stop()
 
 
+# ------------------------------------------------------------------ the UI built in
+
+# A llama-server with the UI compiled in, as in llama.cpp's CUDA server image (the CPU build
+# from PyPI has none): built from the same sdist with the UI's dist/ in tools/ui.
+EMBEDDED_UI_BIN = os.environ.get("LLAMA_SERVER_UI_BIN", "")
+
+
+@pytest.mark.skipif(
+    not EMBEDDED_UI_BIN,
+    reason="LLAMA_SERVER_UI_BIN names no llama-server with the UI built in "
+    "(cmake with tools/ui/dist present; the CPU build from PyPI has none)",
+)
+def test_built_in_ui_keeps_gzip_isolation_and_caching_headers(
+    model_file: Path,
+    keys_file: Path,
+    ui_files: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLAMA_SERVER_BIN", EMBEDDED_UI_BIN)
+    backend, backend_port = start_llama_server(
+        model_file, tmp_path / "llama-server.log", api_key=BACKEND_KEY, parallel=1
+    )
+    try:
+        proc, port = start_gateway(gateway_env(backend_port, keys_file), tmp_path / "gateway.log")
+        try:
+            gzip = {"Accept-Encoding": "gzip, deflate, br"}
+            for path in ui_paths(ui_files) + ["/sw.js", "/build.json"]:
+                # Built in, llama-server serves its files without a key, gzip-compressed.
+                want = fetch(backend_port, "GET", path, gzip)
+                got = fetch(port, "GET", path, gzip)
+                assert (got[0], got[2]) == (want[0], want[2]) and got[0] == 200, path
+                for name in MATTERS:
+                    assert got[1].get(name) == want[1].get(name), (path, name)
+                assert got[1]["content-encoding"] == "gzip", path
+                etag = want[1].get("etag")
+                if etag:  # sw.js, build.json: no-cache and no validator
+                    revalidated = fetch(port, "GET", path, {**gzip, "If-None-Match": etag})
+                    assert (revalidated[0], revalidated[2]) == (304, b""), path
+            index = fetch(port, "GET", "/", gzip)[1]
+            assert index["cross-origin-opener-policy"] == "same-origin"
+            assert index["cross-origin-embedder-policy"] == "require-corp"
+            assert index["cache-control"] == "no-cache"
+            bundle = fetch(port, "GET", ui_paths(ui_files)[-3], gzip)[1]
+            assert bundle["cache-control"] == "public, max-age=31536000, immutable"
+            # A client that takes no gzip gets llama-server's own answer (415), not bytes
+            # the gateway decompressed or compressed itself.
+            assert fetch(port, "GET", "/", {})[0] == fetch(backend_port, "GET", "/", {})[0] == 415
+        finally:
+            proc.stop()
+    finally:
+        backend.stop()
+
+
 # ------------------------------------------------------------------ a real browser
 
 CHROMIUM = "/usr/bin/chromium"

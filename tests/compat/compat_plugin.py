@@ -95,6 +95,9 @@ def _start_gateway(server: Any, backend_port: int) -> subprocess.Popen[bytes]:
         "EXPOSE_PROMPT_CACHE": "true",
         "PYTHONUNBUFFERED": "1",
     }
+    if server.gcp_compat:
+        # Vertex AI runs the container for predictions: the gateway serves its routes too.
+        env["AIP_MODE"] = "PREDICTION"
     log = open(logs / f"gateway-{server.server_port}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, GATEWAY], env=env, stdout=log, stderr=subprocess.STDOUT
