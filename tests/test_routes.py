@@ -761,3 +761,43 @@ def test_vertex_predictions_are_checked_and_counted_per_instance(vertex_gw: Gate
     big = {"@requestFormat": "completion", "prompt": "hi", "n_predict": 3000}
     status, _, _ = call(gw.port, "POST", "/predict", TPM, {"instances": [big, big, big]})
     assert status == 429
+
+
+def without_ids(value: Any) -> Any:
+    """A Responses reply less what differs between any two runs (ids, times) and the
+    prompt-cache count the gateway does not show (EXPOSE_PROMPT_CACHE)."""
+    if isinstance(value, dict):
+        skip = ("id", "created_at", "completed_at", "cached_tokens")
+        return {k: without_ids(v) for k, v in value.items() if k not in skip}
+    if isinstance(value, list):
+        return [without_ids(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/responses"])
+def test_a_responses_reply_is_rebuilt_as_llama_server_writes_it(
+    gw: GatewayHandle, path: str
+) -> None:
+    payload = {"input": "hello", "max_output_tokens": 6, "temperature": 0, "seed": 3}
+    (direct_status, direct_body), (status, body) = both(gw, "POST", path, payload)
+    assert status == direct_status == 200, body
+    direct, through = json.loads(direct_body), json.loads(body)
+    assert list(through) == list(direct)  # the same keys, in llama-server's order
+    assert through["completed_at"] == through["created_at"]
+    assert without_ids(through) == without_ids(direct)
+
+
+def test_a_responses_generation_stops_when_its_client_leaves(gw: GatewayHandle) -> None:
+    before = predicted_total(gw.backend)
+    payload = json.dumps({"input": "hi", "max_output_tokens": 16000, "ignore_eos": True})
+    client = socket.create_connection(("127.0.0.1", gw.port))
+    client.sendall(
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + ALICE.encode()
+        + b"\r\nContent-Length: %d\r\n\r\n" % len(payload)
+        + payload.encode()
+    )
+    wait_until(lambda: gw.backend.busy_slots() == 1, 20, "the generation to run")
+    client.close()
+    wait_until(lambda: gw.backend.busy_slots() == 0, 60, "the slot to be freed")
+    assert predicted_total(gw.backend) - before < 16000

@@ -365,10 +365,61 @@ class NativeAssembler:
         return self.probs.dumps(results[0] if len(results) == 1 else results)
 
 
+class ResponsesAssembler:
+    """Accumulates an OpenAI Responses stream (``/v1/responses``, ``/responses``).
+
+    llama-server's ``response.completed`` event carries the whole response (output items,
+    usage); the whole reply is that object with its ``completed_at`` (the stream's has
+    none: it was completed when it was created), keys sorted as llama-server writes them.
+    """
+
+    def __init__(self, tally: UsageTally) -> None:
+        self.tally = tally
+        self.response: dict[str, Any] | None = None
+        self.finished = False
+        self.error: tuple[int, dict[str, Any]] | None = None
+
+    def add(self, payload: bytes) -> None:
+        if payload == b"[DONE]":
+            self.finished = True
+            return
+        if b'"response.completed"' not in payload and b'"error"' not in payload:
+            return  # the deltas: the completed event repeats all of them
+        if len(payload) > MAX_ASSEMBLED_BYTES:
+            raise TooLarge()
+        event = json.loads(payload)
+        if not isinstance(event, dict):
+            raise ValueError("stream event is not a JSON object")
+        if "error" in event:
+            error = event["error"]
+            code = error.get("code") if isinstance(error, dict) else None
+            status = code if isinstance(code, int) and 400 <= code < 600 else 500
+            self.error = (status, event)
+            self.finished = True
+            return
+        response = event.get("response")
+        if event.get("type") == "response.completed" and isinstance(response, dict):
+            self.response = response
+            if isinstance(response.get("usage"), dict):
+                self.tally.add(response["usage"])
+            self.finished = True
+
+    def result(self) -> dict[str, Any]:
+        if self.response is None:
+            raise ValueError("the stream ended without response.completed")
+        whole = {"completed_at": self.response.get("created_at"), **self.response}
+        return dict(sorted(whole.items()))
+
+    def body(self) -> bytes:
+        return json.dumps(self.result(), ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def assembler_for(
     form: Form, tally: UsageTally, return_tokens: bool = False
-) -> Assembler | NativeAssembler:
+) -> Assembler | NativeAssembler | ResponsesAssembler:
     """The assembler for a route's body format."""
     if form in (Form.NATIVE, Form.INFILL):
         return NativeAssembler(tally, return_tokens)
+    if form is Form.RESPONSES:
+        return ResponsesAssembler(tally)
     return Assembler(form, tally)

@@ -377,7 +377,7 @@ class Pipeline:
                     # carries its counts, and the stream_options of OpenAI do not apply.
                     out.ex.tally.mark = NATIVE_MARK
                     return_tokens = payload.get("return_tokens") is True
-                else:
+                elif route.form in (Form.CHAT, Form.TEXT):
                     options = payload.get("stream_options")
                     asked = isinstance(options, dict) and options.get("include_usage") is True
                     # Usage is what token limits and metrics settle on: always ask for it,

@@ -73,7 +73,7 @@ class Form(Enum):
 
 # Formats whose non-streaming requests the gateway runs as streams and rebuilds
 # (llama-server b11434 keeps generating a whole-reply request after its client has gone).
-ASSEMBLED = frozenset({Form.CHAT, Form.TEXT, Form.NATIVE, Form.INFILL})
+ASSEMBLED = frozenset({Form.CHAT, Form.TEXT, Form.NATIVE, Form.INFILL, Form.RESPONSES})
 # Formats that name a model in their JSON body (router mode acts on it).
 MODEL_IN_BODY = "body"
 MODEL_IN_QUERY = "query"
