@@ -359,6 +359,7 @@ class Transfer:
         self.publish = publish
         self.name = name or target.path.name
         self.location: str | None = None  # the resolve URL after its redirects
+        self.tls: ssl.SSLContext | None = None
         self.lock = threading.Condition()
         # Jobs to run first (one-stream runs, continuations after a cut, second copies),
         # then parts not handed out yet, taken a span at a time.
@@ -706,9 +707,9 @@ class Transfer:
         host = parts.hostname or ""
         timeout = self.settings.stall_seconds
         if parts.scheme == "https":
-            return http.client.HTTPSConnection(
-                host, parts.port, timeout=timeout, context=ssl.create_default_context()
-            )
+            if self.tls is None:  # loading the CA store once, not once per connection
+                self.tls = ssl.create_default_context()
+            return http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=self.tls)
         return http.client.HTTPConnection(host, parts.port, timeout=timeout)
 
     def _open(
