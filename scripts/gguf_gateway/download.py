@@ -1,16 +1,18 @@
 """One Hub file onto the volume: parallel Range parts, resumable per part, hashed on the fly.
 
 The file is cut into fixed-size parts. A small pool of connections (DOWNLOAD_CONNECTIONS
-threads, each holding one keep-alive ``http.client`` connection) takes parts from a queue and
-writes them in place, with ``os.pwrite``, into a pre-allocated ``<blob>.incomplete``. A
+threads, each holding one keep-alive ``http.client`` connection) takes runs of parts (long
+ones first, single parts at the end) and writes them in place, with ``os.pwrite``, into a
+pre-allocated ``<blob>.incomplete``. A
 recorder thread makes finished parts durable (the data fdatasync'd, then a line fsync'd into
 the sidecar ``<blob>.incomplete.parts``), so a kill costs at most the parts in flight; a
 hasher thread feeds SHA-256 with the contiguous prefix as parts complete out of order, so the
-digest is ready a moment after the last byte. The calling thread watches: a part that sends
-nothing for a while is cut and queued again from where it stopped; once nothing is left to
-hand out, a part far slower than the others is fetched a second time on an idle connection
-(the first copy to finish counts). A file under two parts, or a server that ignores Range,
-takes one stream. Nothing past the listed size is ever written.
+digest is ready a moment after the last byte. The calling thread watches: a request that
+sends nothing for a while is cut and queued again from where it stopped; once nothing is
+left to hand out, a connection far slower than the others gives the parts after the one it
+is writing to an idle connection, and on its last part a second copy races it (the first to
+finish counts). A file under 8 parts (32 MiB), or a server that ignores Range, takes one
+stream. Nothing past the listed size is ever written.
 
 ``HF_TOKEN`` goes only to the endpoint's own origin (scheme, host and port): not to the CDN a
 resolve URL redirects to, and never over a redirect from https to http.
