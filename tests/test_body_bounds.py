@@ -17,6 +17,10 @@ from test_keys_and_limits import limited_gateway
 from test_limits_hold import post, tokens_counted
 
 CRASHING_GRAMMAR = "root ::= " + "(" * 30000 + '"a"' + ")" * 30000
+SHORT_CRASHING_PATTERN = "^" + "(" * 120 + "[\\s\\S]" + ")" * 120 + "*QQQ$"
+# A lazy grammar waits for its trigger: llama-server matches the triggers against all the
+# text generated so far, after every token.
+LAZY = {"grammar": 'root ::= "a"', "grammar_lazy": True, "n_predict": 600, "ignore_eos": True}
 
 
 SLOT_CTX = 8192
@@ -98,6 +102,27 @@ def test_nested_grammar_is_refused_and_llama_server_stays_up(own_stack: GatewayH
             "grammar_triggers",
             id="nested-trigger-pattern",
         ),
+        # 252 bytes, 120 groups: on the bounds' old reading it passed, and llama-server
+        # died 300 characters into the output (std::regex matches by recursion).
+        pytest.param(
+            "/completion",
+            {**LAZY, "grammar_triggers": [{"type": 2, "value": SHORT_CRASHING_PATTERN}]},
+            "grammar_triggers",
+            id="short-trigger-pattern",
+        ),
+        pytest.param(
+            "/v1/completions",
+            {**LAZY, "grammar_triggers": {"t": {"type": 2, "value": SHORT_CRASHING_PATTERN}}},
+            "grammar_triggers",
+            id="trigger-pattern-in-an-object",
+        ),
+        pytest.param(
+            "/infill",
+            {**LAZY, "input_prefix": "x", "input_suffix": "y",
+             "grammar_triggers": [{"type": 1, "value": "ab" * 60000}]},
+            "grammar_triggers",
+            id="long-trigger-word",
+        ),
     ],
 )  # fmt: skip
 def test_other_crashing_grammar_inputs_are_refused_naming_the_field(
@@ -108,6 +133,23 @@ def test_other_crashing_grammar_inputs_are_refused_naming_the_field(
     assert status == 400, answer
     assert json.loads(answer)["error"]["param"] == param
     assert own_stack.backend.proc.alive()
+
+
+def test_a_word_trigger_still_reaches_llama_server(own_stack: GatewayHandle) -> None:
+    payload = {
+        "prompt": "x",
+        "n_predict": 8,
+        "grammar": 'root ::= "a"',
+        "grammar_lazy": True,
+        "grammar_triggers": [{"type": 1, "value": "<tool_call>"}],
+    }
+    status, _, answer = post(own_stack.port, "/completion", ALICE, payload)
+    assert status == 200, answer
+    assert json.loads(answer)["tokens_predicted"] >= 1
+    # The same body with the word as a pattern is refused before llama-server sees it.
+    payload["grammar_triggers"] = [{"type": 2, "value": "<tool_call>"}]
+    status, _, answer = post(own_stack.port, "/completion", ALICE, payload)
+    assert status == 400 and json.loads(answer)["error"]["param"] == "grammar_triggers", answer
 
 
 def rss_now(pid: int) -> int:

@@ -13,7 +13,18 @@ with an 8 MiB stack, each crashing at once:
 * a schema property name of 20,000 characters in an object with ``additionalProperties``
   (json-schema-to-grammar's ``_not_strings`` nests one group per character; 5,000 passed);
 * a grammar-trigger pattern nested 30,000 groups deep or 100,000 characters long
-  (``std::regex`` compiles by recursion; 5,000 and 50,000 passed).
+  (``std::regex`` compiles by recursion; 5,000 and 50,000 passed), and so a trigger
+  word of 120,000 characters (llama.cpp escapes a word into a pattern);
+* a trigger pattern of 252 bytes, ``^`` + 120 nested groups around ``[\\s\\S]`` + ``*QQQ$``,
+  within any bound on its text: llama.cpp matches every pattern against all the text
+  generated so far, token by token, and ``std::regex`` matches by recursion too, a few
+  frames per character and group, so the stack ran out 300 characters into the output
+  (one group around ``(a|b)*`` runs out near 15,000 characters, within one answer).
+  Nor does a bound on its text stop backtracking: ``^`` + 26 ``a?`` + 26 ``a`` + ``b$``
+  (81 bytes) took 4.4 s of CPU to match 26 generated ``a`` once, doubling with each
+  ``a?``, on the one thread that runs every slot. So no pattern is accepted from a client:
+  token and word triggers only (llama.cpp's own chat templates set their patterns
+  server-side, over the body's).
 
 llama.cpp guards a schema's regex ``pattern`` itself (deeper than 100 groups it accepts
 any string) and repetition counts (``MAX_REPETITION_THRESHOLD``, refused cleanly), so
@@ -35,7 +46,7 @@ from typing import Any
 
 from .refusals import Refusal, bad_request
 
-# Parentheses nested in a GBNF grammar, groups nested in a trigger pattern, and
+# Parentheses nested in a GBNF grammar, and
 # characters of a property name that json-schema-to-grammar nests one group each for.
 MAX_NESTING = 128
 # Rule definitions plus groups in a GBNF grammar: a chain of rules each starting with a
@@ -44,7 +55,7 @@ MAX_GRAMMAR_RULES = 8192
 # A grammar's text, and a schema (all tools' parameters together) as compact JSON.
 MAX_GRAMMAR_BYTES = 256 * 1024
 MAX_SCHEMA_BYTES = 256 * 1024
-# One grammar-trigger pattern.
+# One grammar-trigger word (a literal, but compiled into a regex all the same).
 MAX_PATTERN_BYTES = 4096
 # Properties of one schema object: json-schema-to-grammar's optional-property rules
 # grow with the cube of their count.
@@ -54,11 +65,9 @@ MAX_PROPERTIES = 256
 # character classes (with their escapes) and comments. What is left is structure.
 _GBNF_INERT = r'"(?:\\.|[^"\\])*"?|\[(?:\\.|[^\]\\])*\]?|#[^\r\n]*'
 _GBNF_TOKEN = re.compile(_GBNF_INERT + r"|::=|[()]", re.DOTALL)
-# Regex tokens that cannot open a group: escapes and character classes.
-_REGEX_TOKEN = re.compile(r"\\.|\[(?:\\.|[^\]\\])*\]?|[()]", re.DOTALL)
-# llama.cpp's grammar trigger types that hold no regex (token, word); the others hold
-# one, compiled and run by std::regex, recursive too.
-_PLAIN_TRIGGERS = (0, 1)
+# llama.cpp's grammar trigger types: a token is matched by id, a word is escaped into a
+# literal pattern; the others (pattern, full pattern) are client regexes, refused.
+_TOKEN_TRIGGER, _WORD_TRIGGER = 0, 1
 
 
 def _too_deep(field: str, what: str) -> Refusal:
@@ -87,19 +96,6 @@ def gbnf_shape(text: str) -> tuple[int, int]:
     return deepest, rules
 
 
-def regex_depth(pattern: str) -> int:
-    """The deepest group nesting of a regular expression."""
-    depth = deepest = 0
-    for match in _REGEX_TOKEN.finditer(pattern):
-        token = match.group()
-        if token == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif token == ")":
-            depth = max(0, depth - 1)
-    return deepest
-
-
 def check_gbnf(text: str, field: str) -> None:
     # Characters first: only text that could be past the bound in UTF-8 is encoded.
     if len(text) > MAX_GRAMMAR_BYTES or (
@@ -115,13 +111,6 @@ def check_gbnf(text: str, field: str) -> None:
             "grammar",
             param=field,
         )
-
-
-def _check_pattern(pattern: str, field: str) -> None:
-    if len(pattern.encode()) > MAX_PATTERN_BYTES:
-        raise _too_large(field, "pattern", MAX_PATTERN_BYTES)
-    if regex_depth(pattern) > MAX_NESTING:
-        raise _too_deep(field, "pattern")
 
 
 def _schema_size(schemas: list[object]) -> int:
@@ -200,12 +189,35 @@ def check(payload: dict[str, Any]) -> None:
     tool_schemas = _tool_schemas(payload.get("tools"))
     if tool_schemas:
         check_schemas(tool_schemas, "tools")
-    triggers = payload.get("grammar_triggers")
-    if isinstance(triggers, list):
-        for trigger in triggers:
-            value, kind = _get(trigger, "value"), _get(trigger, "type")
-            # llama-server reads the type as an int (a bool as 0 or 1); anything else
-            # may be a pattern.
-            plain = isinstance(kind, (int, float)) and kind in _PLAIN_TRIGGERS
-            if isinstance(value, str) and not plain:
-                _check_pattern(value, "grammar_triggers")
+    check_triggers(payload.get("grammar_triggers"))
+
+
+def check_triggers(triggers: object) -> None:
+    """Token and word triggers only, words of bounded size.
+
+    llama-server iterates the field as its JSON library does: a list's items and also an
+    object's values. It reads each ``type`` as a C int (a bool as 0 or 1, a fraction
+    truncated); a type that is no number it refuses itself, and so does this.
+    """
+    if isinstance(triggers, dict):
+        entries: list[object] = list(triggers.values())
+    elif isinstance(triggers, list):
+        entries = triggers
+    else:
+        return
+    for trigger in entries:
+        kind = _get(trigger, "type")
+        if kind is None:
+            continue  # not a trigger llama-server can read: it refuses the body itself
+        if not isinstance(kind, (int, float)) or int(kind) not in (_TOKEN_TRIGGER, _WORD_TRIGGER):
+            raise bad_request(
+                "'grammar_triggers' takes token (type 0) and word (type 1) triggers only: "
+                "llama-server matches a pattern trigger against all the text generated so "
+                "far by recursion, which a short pattern can make crash it",
+                "grammar",
+                param="grammar_triggers",
+            )
+        value = _get(trigger, "value")
+        if int(kind) == _WORD_TRIGGER and isinstance(value, str):
+            if len(value.encode()) > MAX_PATTERN_BYTES:
+                raise _too_large("grammar_triggers", "word", MAX_PATTERN_BYTES)

@@ -164,9 +164,37 @@ MANY_PROPERTIES = {
             id="pattern-trigger-deep",
         ),
         pytest.param(
-            {"grammar_triggers": [{"type": 3, "value": "a" * (grammars.MAX_PATTERN_BYTES + 1)}]},
+            # Short and shallow, and still a crash once the output is 300 characters long.
+            {"grammar_triggers": [{"type": 2, "value": "^" + nested_pattern(120) + "*QQQ$"}]},
             "grammar_triggers",
-            id="pattern-trigger-long",
+            id="pattern-trigger-short",
+        ),
+        pytest.param(
+            {"grammar_triggers": [{"type": 3, "value": "^a?a?aab$"}]},
+            "grammar_triggers",
+            id="full-pattern-trigger",
+        ),
+        pytest.param(
+            # A fraction is truncated to 2 (pattern) by llama-server's int reading.
+            {"grammar_triggers": [{"type": 2.5, "value": "a"}]},
+            "grammar_triggers",
+            id="pattern-trigger-fractional-type",
+        ),
+        pytest.param(
+            # llama-server iterates an object's values as it does a list's items.
+            {"grammar_triggers": {"t": {"type": 2, "value": "a"}}},
+            "grammar_triggers",
+            id="pattern-trigger-in-an-object",
+        ),
+        pytest.param(
+            {"grammar_triggers": [{"type": 1, "value": "ab" * grammars.MAX_PATTERN_BYTES}]},
+            "grammar_triggers",
+            id="word-trigger-long",
+        ),
+        pytest.param(
+            {"grammar_triggers": {"t": {"type": True, "value": "é" * grammars.MAX_PATTERN_BYTES}}},
+            "grammar_triggers",
+            id="word-trigger-long-in-utf8-in-an-object",
         ),
     ],
 )  # fmt: skip
@@ -195,7 +223,17 @@ def test_schemas_and_patterns_past_the_bounds_are_refused(
             id="long-closed-property",
         ),
         pytest.param(
-            {"grammar_triggers": [{"type": 1, "value": "(" * 300}]}, id="word-trigger-is-no-regex"
+            # Escaped by llama.cpp into a literal: no group to nest.
+            {"grammar_triggers": [{"type": 1, "value": "(" * 300}]},
+            id="word-trigger-is-no-regex",
+        ),
+        pytest.param(
+            {"grammar_triggers": [{"type": 0, "value": "<tool_call>", "token": 5}]},
+            id="token-trigger",
+        ),
+        pytest.param(
+            {"grammar_triggers": [{"type": 1.9, "value": "<tool_call>"}]},
+            id="word-trigger-fractional-type",
         ),
         pytest.param(
             # llama.cpp bounds a schema pattern's nesting itself (any string past 100).
@@ -221,7 +259,6 @@ def test_logprobs_as_a_switch_passes() -> None:
 
 def test_scans_see_structure_only() -> None:
     assert grammars.gbnf_shape(JSON_GBNF) == (2, 7 + 11)  # 7 rules, 11 groups
-    assert grammars.regex_depth(r"\((a(b)[()])\)") == 2
 
 
 def test_sizes_are_counted_in_utf8_bytes() -> None:
