@@ -152,6 +152,27 @@ def test_a_word_trigger_still_reaches_llama_server(own_stack: GatewayHandle) -> 
     assert status == 400 and json.loads(answer)["error"]["param"] == "grammar_triggers", answer
 
 
+@pytest.mark.parametrize(
+    "path, payload, param",
+    [
+        ("/completion", {"prompt": "x", "n_predict": 2}, "n_probs"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2}, "logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True},
+            "top_logprobs",
+        ),
+    ],
+)
+def test_a_negative_count_of_alternatives_is_refused(
+    own_stack: GatewayHandle, path: str, payload: dict[str, object], param: str
+) -> None:
+    """llama-server reads the count as a C int: 5000 - 2**32 was every token of the
+    vocabulary per generated token (270 here) past the cap of 20."""
+    status, _, answer = post(own_stack.port, path, ALICE, {**payload, param: 5000 - 2**32})
+    assert status == 400 and json.loads(answer)["error"]["param"] == param, answer[:300]
+
+
 def rss_now(pid: int) -> int:
     """The resident size in KiB, with the peak (VmHWM) reset to it."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux: resets VmHWM to VmRSS

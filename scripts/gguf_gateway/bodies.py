@@ -14,7 +14,8 @@ Pure functions; a body that cannot be served raises a 400 :class:`Refusal` namin
   to be named ``file``;
 * grammars and schemas past the bounds of grammars.py (llama-server's parsers recurse
   without a limit and crash the whole server);
-* more token alternatives per generated token than MAX_TOP_LOGPROBS: llama-server has
+* more token alternatives per generated token than MAX_TOP_LOGPROBS, or fewer than none
+  (a negative count wraps to a large one in llama-server's C int): llama-server has
   no cap but the vocabulary, and every generated token then carries that many entries
   (a ~130-byte request made megabytes per token with a real vocabulary).
 """
@@ -113,9 +114,11 @@ def check_probs(payload: dict[str, Any]) -> None:
         # "logprobs": true on chat is a switch, not a count.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if value > MAX_TOP_LOGPROBS:
+        # Below 0 too: llama-server reads the count as a C int, and 5000 - 2**32 wraps to
+        # 5000 alternatives per token there.
+        if not 0 <= value <= MAX_TOP_LOGPROBS:
             raise bad_request(
-                f"'{name}' must be at most {MAX_TOP_LOGPROBS}", "logprobs", param=name
+                f"'{name}' must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs", param=name
             )
 
 

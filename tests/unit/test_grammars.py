@@ -250,6 +250,10 @@ def test_real_schemas_pass(payload: dict[str, Any]) -> None:
 def test_token_alternatives_are_bounded(name: str) -> None:
     found = refusal({"prompt": "x", name: bodies.MAX_TOP_LOGPROBS + 1})
     assert found.param == name and str(bodies.MAX_TOP_LOGPROBS) in found.message
+    # llama-server reads a C int: this is 5000 alternatives there.
+    assert refusal({"prompt": "x", name: 5000 - 2**32}).param == name
+    assert refusal({"prompt": "x", name: -1}).param == name
+    bodies.inspect({"prompt": "x", name: 0}, allow_remote_media=False)
     bodies.inspect({"prompt": "x", name: bodies.MAX_TOP_LOGPROBS}, allow_remote_media=False)
 
 
