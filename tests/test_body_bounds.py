@@ -61,6 +61,11 @@ def test_nested_grammar_is_refused_and_llama_server_stays_up(own_stack: GatewayH
         error = json.loads(answer)["error"]
         assert error["param"] == "grammar" and error["type"] == "invalid_request_error"
     assert gw.backend.proc.alive()
+    # 60 KB and a single rule, unrolled by llama-server's parser into 40 million symbols:
+    # it had not answered after 300 s, its memory growing.
+    unrolled = {"prompt": "x", "max_tokens": 2, "grammar": "root ::= " + '"a"{0,2000} ' * 5000}
+    status, _, answer = post(gw.port, "/completion", ALICE, unrolled)
+    assert status == 400 and json.loads(answer)["error"]["param"] == "grammar", answer
     # A real grammar and a real schema still constrain what llama-server generates.
     grammar = {"prompt": "x", "max_tokens": 8, "grammar": 'root ::= "yes" | "no"'}
     status, _, answer = post(gw.port, "/v1/completions", ALICE, grammar)
