@@ -121,6 +121,16 @@ def test_nested_grammar_is_refused_and_llama_server_stays_up(own_stack: GatewayH
             "grammar_triggers",
             id="trigger-pattern-in-an-object",
         ),
+        # Not a crash: 39 KB that llama-server unrolled into 431 MiB of grammar (a 256 KiB
+        # schema of the same: gigabytes, per request).
+        pytest.param(
+            "/completion",
+            {"json_schema": {"anyOf": [
+                {"type": "string", "maxLength": 2000 - i} for i in range(1000)
+            ]}},
+            "json_schema",
+            id="schema-unrolled",
+        ),
         pytest.param(
             "/infill",
             {**LAZY, "input_prefix": "x", "input_suffix": "y",

@@ -116,6 +116,14 @@ def _count(digits: str | None, default: int) -> int:
     return int(digits) if len(digits) <= 6 else 10**6
 
 
+def _repetition_cost(item: int, lo: int, hi: int | None) -> int:
+    """Symbols llama.cpp's handle_repetitions builds for item{lo,hi} (hi None: no bound)."""
+    if hi is not None and hi > _MAX_REPETITION:
+        hi = None
+    copies = item * lo
+    return copies + (item + 3 if hi is None else max(0, hi - lo) * (item + 3))
+
+
 def gbnf_expansion(text: str) -> int:
     """About how many symbols llama.cpp's parser builds for a grammar, repetitions
     unrolled as its handle_repetitions does (an upper estimate)."""
@@ -133,11 +141,8 @@ def gbnf_expansion(text: str) -> int:
                 hi = None if hi == -1 else hi
             else:
                 lo, hi = (1 if first == "+" else 0), (1 if first == "?" else None)
-            if hi is not None and hi > _MAX_REPETITION:
-                hi = None
-            copies = item * lo
-            total += copies + (item + 3 if hi is None else max(0, hi - lo) * (item + 3))
-            item = copies + 1
+            total += _repetition_cost(item, lo, hi)
+            item = item * lo + 1
             continue
         # A literal or class is a symbol per character (an over-estimate for escapes and
         # ranges); a name, `.` or a group (a generated rule) is one.
@@ -170,6 +175,39 @@ def check_gbnf(text: str, field: str) -> None:
         )
 
 
+# Repetitions in a schema's regex ``pattern``: json-schema-to-grammar writes them as the
+# same GBNF repetitions.
+_REGEX_REPEAT = re.compile(r"\\.|\[(?:\\.|[^\]\\])*\]?|\{\s*(\d*)\s*(,\s*(\d*)\s*)?\}", re.DOTALL)
+
+
+def _schema_count(value: object, default: int | None) -> int | None:
+    """A schema's length or item count as llama.cpp reads it (a whole number)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(0, min(value, 10**6))
+    return default
+
+
+def schema_expansion(node: dict[str, Any]) -> int:
+    """Symbols one schema node's repetitions unroll to in llama-server's grammar:
+    minLength/maxLength become char{m,n}, minItems/maxItems item{m-1,n-1} after the
+    first, a pattern's {m,n} the same."""
+    cost = 0
+    lo, hi = _schema_count(node.get("minLength"), None), _schema_count(node.get("maxLength"), None)
+    if lo is not None or hi is not None:
+        cost += _repetition_cost(1, lo or 0, hi)
+    lo, hi = _schema_count(node.get("minItems"), None), _schema_count(node.get("maxItems"), None)
+    if lo is not None or hi is not None:
+        cost += _repetition_cost(1, max(0, (lo or 0) - 1), None if hi is None else max(0, hi - 1))
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        for match in _REGEX_REPEAT.finditer(pattern):
+            if match.group().startswith("{"):
+                lo = _count(match.group(1), 0)
+                hi = lo if match.group(2) is None else _count(match.group(3), -1)
+                cost += _repetition_cost(1, lo, None if hi == -1 else hi)
+    return cost
+
+
 def _schema_size(schemas: list[object]) -> int:
     return sum(len(json.dumps(s, separators=(",", ":"))) for s in schemas)
 
@@ -180,6 +218,7 @@ def check_schemas(schemas: list[object], field: str) -> None:
         raise _too_large(field, "schema", MAX_SCHEMA_BYTES)
     # The body's own nesting is bounded already (bodies.MAX_DEPTH): a plain walk is safe.
     stack: list[object] = list(schemas)
+    expansion = 0
     while stack:
         node = stack.pop()
         if isinstance(node, list):
@@ -187,6 +226,14 @@ def check_schemas(schemas: list[object], field: str) -> None:
             continue
         if not isinstance(node, dict):
             continue
+        expansion += schema_expansion(node)
+        if expansion > MAX_GRAMMAR_EXPANSION:
+            raise bad_request(
+                f"'{field}' unrolls to more than {MAX_GRAMMAR_EXPANSION} grammar symbols "
+                "(each maxLength, maxItems and pattern count n is n copies)",
+                "grammar",
+                param=field,
+            )
         properties = node.get("properties")
         if isinstance(properties, dict):
             if len(properties) > MAX_PROPERTIES:

@@ -173,6 +173,21 @@ MANY_PROPERTIES = {
             id="tool-set-too-large",
         ),
         pytest.param(
+            # 39 KB: 431 MiB of llama-server for one request (200 of them: 138 MiB).
+            {"json_schema": {"anyOf": [
+                {"type": "string", "maxLength": 2000 - i} for i in range(1000)
+            ]}},
+            "json_schema",
+            id="schema-many-max-lengths",
+        ),
+        pytest.param(
+            {"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {
+                "type": "array", "maxItems": 2000, "items": {"type": "string", "pattern": "a{0,2000}"},
+            }}} for i in range(100)]},
+            "tools",
+            id="tools-many-item-and-pattern-counts",
+        ),
+        pytest.param(
             {"grammar_triggers": [{"type": 2, "value": nested_pattern(200)}]},
             "grammar_triggers",
             id="pattern-trigger-deep",
@@ -231,6 +246,18 @@ def test_schemas_and_patterns_past_the_bounds_are_refused(
             id="chat-tools",
         ),
         pytest.param({"tools": [{"name": "f", "input_schema": SCHEMA}]}, id="messages-tools"),
+        pytest.param(
+            {
+                "json_schema": {
+                    "type": "object",
+                    "properties": {
+                        f"p{i}": {"type": "string", "minLength": 1, "maxLength": 2000}
+                        for i in range(100)
+                    },
+                }
+            },
+            id="long-strings-within-the-budget",
+        ),
         pytest.param(
             # A long property name is no nesting without additionalProperties.
             {"json_schema": {"type": "object", "properties": {"k" * 500: {"type": "string"}}}},
