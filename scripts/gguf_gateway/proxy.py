@@ -334,7 +334,10 @@ class _Leg:
             bconn.close()
         else:
             self.pool.release(bconn, not bconn.buf)
-        body = assembler.body()
+        try:
+            body = assembler.body()
+        except ValueError as exc:  # the stream ended without what the reply is built from
+            raise backend_failure(502, f"llama-server response broken: {exc}", "protocol") from None
         return out.send(
             200, body, content_type="application/json; charset=utf-8", keep_alive=fwd.keep_alive
         )

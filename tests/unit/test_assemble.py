@@ -164,3 +164,22 @@ def test_a_native_reply_past_the_bound_is_refused_not_held() -> None:
     with pytest.raises(TooLarge):
         for _ in range(MAX_ASSEMBLED_BYTES // 1000):
             assembler.add(chunk)
+
+
+def test_a_responses_stream_is_rebuilt_from_its_completed_event() -> None:
+    from gguf_gateway.assemble import ResponsesAssembler
+
+    tally = UsageTally()
+    assembler = ResponsesAssembler(tally)
+    assembler.add(b'{"type":"response.output_text.delta","delta":"hi"}')
+    with pytest.raises(ValueError):
+        assembler.body()  # no response.completed: nothing to build the reply from
+    usage = {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
+    completed = {
+        "type": "response.completed",
+        "response": {"id": "resp_1", "object": "response", "created_at": 9, "usage": usage},
+    }
+    assembler.add(json.dumps(completed).encode())
+    assert assembler.finished and (tally.prompt, tally.completion) == (5, 2)
+    whole = json.loads(assembler.body())
+    assert list(whole) == sorted(whole) and whole["completed_at"] == 9
