@@ -357,6 +357,33 @@ def test_sighup_reloads_keys_at_once(make_gateway: GatewayFactory, tmp_path: Pat
     assert chat(gw.port, "sk-first-key-000", tokens=1)[0] == 401
 
 
+@pytest.mark.parametrize("breakage", ["missing", "not-utf8"])
+def test_a_reload_while_api_key_file_is_broken_keeps_its_key(
+    make_gateway: GatewayFactory, tmp_path: Path, breakage: str
+) -> None:
+    """API_KEY_FILE's key, like the key file's, outlives a reload that cannot read it
+    (it was revoked until the next reload, and a non-UTF-8 file escaped as a traceback)."""
+    import signal
+
+    single = tmp_path / "api_key"
+    single.write_text("sk-single-file-key-00\n")
+    gw = make_gateway(API_KEY_FILE=str(single))
+    assert chat(gw.port, "sk-single-file-key-00", tokens=1)[0] == 200
+    single.unlink()
+    if breakage == "not-utf8":
+        single.write_bytes(b"sk-single-file-key-00\xff\n")
+    gw.proc.signal(signal.SIGHUP)
+    wait_until(lambda: "keys reloaded" in gw.proc.log(), 10, "the reload")
+    assert "keeping the last good key" in gw.proc.log()
+    assert chat(gw.port, "sk-single-file-key-00", tokens=1)[0] == 200
+    assert "sk-single-file-key-00" not in gw.proc.log()
+    # An empty file still revokes it.
+    single.write_text("")
+    gw.proc.signal(signal.SIGHUP)
+    wait_until(lambda: gw.proc.log().count("keys reloaded") >= 2, 10, "the second reload")
+    assert chat(gw.port, "sk-single-file-key-00", tokens=1)[0] == 401
+
+
 @pytest.mark.parametrize("breakage", ["missing", "a-directory", "not-utf8"])
 def test_a_reload_while_the_key_file_is_broken_keeps_the_last_good_keys(
     make_gateway: GatewayFactory, tmp_path: Path, breakage: str

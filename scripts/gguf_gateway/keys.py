@@ -220,6 +220,7 @@ class KeySource:
         self._signature: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._file_read = False  # the key file has been read once: its keys are in force
+        self._single_last: ApiKey | None = None  # API_KEY_FILE's key when last read
         self.ring = KeyRing(())
         self.reload()
 
@@ -227,14 +228,22 @@ class KeySource:
         secret = self.api_key
         if not secret and self.api_key_file is not None:
             try:
-                secret = self.api_key_file.read_text().strip()
-            except OSError as exc:
-                self._log(f"API_KEY_FILE {self.api_key_file}: cannot read ({exc.strerror})")
-        return (
+                secret = self.api_key_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                # As with the key file: gone or unreadable after it was read (a secret
+                # mount being swapped), its key stays rather than locking its clients out
+                # until the next reload. To revoke it, empty the file.
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+                kept = "; keeping the last good key" if self._single_last else ""
+                self._log(f"API_KEY_FILE {self.api_key_file}: cannot read ({why}){kept}")
+                return self._single_last
+        single = (
             ApiKey("default", digest_of(secret), scopes=frozenset({"inference", "admin"}))
             if secret
             else None
         )
+        self._single_last = single
+        return single
 
     def reload(self) -> None:
         entries: list[tuple[str, str]] = []
