@@ -554,7 +554,7 @@ def test_two_backends_share_the_load_and_keep_long_prefixes_together(
     def backend_labels() -> set[str]:
         text = http_get(stack.port, "/metrics")[1].decode()
         families = {f.name: f for f in text_string_to_metric_families(text)}
-        tokens = families.get("llamacpp:prompt_tokens")
+        tokens = families.get("llamacpp:tokens_predicted")
         return {s.labels["backend"] for s in tokens.samples} if tokens else set()
 
     wait_until(lambda: backend_labels() == {"0", "1"}, 30, "both llama-servers' series")
