@@ -203,7 +203,9 @@ def rss_kib(pid: int, field: str) -> int:
 
 def test_logprobs_cannot_swell_the_gateway(own_stack: GatewayHandle) -> None:
     gw = own_stack
-    ask = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "logprobs": True}
+    # Enough tokens that some end on a whole character: llama-server lists no logprobs for a
+    # token that ends inside a UTF-8 sequence, and the tiny model's tokens are often bytes.
+    ask = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 32, "logprobs": True}
     # More alternatives than the cap: refused before llama-server runs anything.
     status, _, answer = post(gw.port, "/v1/chat/completions", ALICE, {**ask, "top_logprobs": 1000})
     assert status == 400 and json.loads(answer)["error"]["param"] == "top_logprobs", answer
@@ -228,7 +230,9 @@ def test_logprobs_cannot_swell_the_gateway(own_stack: GatewayHandle) -> None:
     one = {**big, "n": 1, "max_tokens": 8000}
     status, _, answer = post(gw.port, "/v1/chat/completions", ALICE, one, timeout=300)
     grown_mib = (rss_kib(gw.proc.pid, "VmHWM") - before) / 1024
-    assert status == 200 and len(answer) > 8_000_000, (status, answer[:300])
+    # The size depends on the random text (7.9 to 8.5 MB seen); what matters is that it is
+    # several times what the gateway may grow by.
+    assert status == 200 and len(answer) > 6_000_000, (status, answer[:300])
     whole = json.loads(answer)
     assert whole["usage"]["completion_tokens"] == 8000 and whole["choices"][0]["logprobs"]
     assert grown_mib < 70, f"the gateway grew by {grown_mib:.0f} MiB for {len(answer)} bytes"
