@@ -45,6 +45,14 @@ class TooLarge(Exception):
         )
 
 
+def _error_status(event: dict[str, Any]) -> int:
+    """The status to answer an error event with: its ``error.code`` when that is an HTTP
+    error status, else 500."""
+    error = event["error"]
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, int) and 400 <= code < 600 else 500
+
+
 class Budget:
     """What one assembled response holds, counted as it arrives."""
 
@@ -173,10 +181,7 @@ class Assembler:
         if not isinstance(chunk, dict):
             raise ValueError("stream chunk is not a JSON object")
         if "error" in chunk:
-            error = chunk["error"]
-            code = error.get("code") if isinstance(error, dict) else None
-            status = code if isinstance(code, int) and 400 <= code < 600 else 500
-            self.error = (status, chunk)
+            self.error = (_error_status(chunk), chunk)
             self.finished = True
             return
         for field in ("id", "created", "model", "system_fingerprint"):
@@ -315,10 +320,7 @@ class NativeAssembler:
         if not isinstance(event, dict):
             raise ValueError("stream event is not a JSON object")
         if "error" in event:
-            error = event["error"]
-            code = error.get("code") if isinstance(error, dict) else None
-            status = code if isinstance(code, int) and 400 <= code < 600 else 500
-            self.error = (status, event)
+            self.error = (_error_status(event), event)
             self.finished = True
             return
         index = event.get("index", 0)
@@ -391,10 +393,7 @@ class ResponsesAssembler:
         if not isinstance(event, dict):
             raise ValueError("stream event is not a JSON object")
         if "error" in event:
-            error = event["error"]
-            code = error.get("code") if isinstance(error, dict) else None
-            status = code if isinstance(code, int) and 400 <= code < 600 else 500
-            self.error = (status, event)
+            self.error = (_error_status(event), event)
             self.finished = True
             return
         response = event.get("response")
