@@ -17,6 +17,7 @@ connection afterwards when the refusal or an unread body says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -24,7 +25,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -34,7 +35,7 @@ from .access import AccessControl, Ticket
 from .backend import BackendUnavailable, simple_exchange
 from .backends import Backend, prefix_key
 from .cache_counters import PROGRESS_FIELDS
-from .client import ClientConnection, ClientGone
+from .client import ClientConnection, ClientGone, ClientWatch
 from .config import Config
 from .endpoints import LocalEndpoints
 from .http11 import HttpError, RequestHead, request_bytes
@@ -489,8 +490,7 @@ class Pipeline:
                     param="n",
                 )
         task = conn.channel.current_task()
-        watch = conn.watch()
-        try:
+        with _watching(conn, task) as watch:
             await _enter(admission, out.ex.key_id, slots, "slot", weight)
             backend = self.backends.pick(slots, forward.affinity)
             try:
@@ -504,13 +504,6 @@ class Pipeline:
             finally:
                 self.backends.release(backend, slots)
                 admission.release(slots)
-        except asyncio.CancelledError:
-            if not watch.gone:
-                raise
-            task.uncancel()
-            raise ClientGone() from None
-        finally:
-            watch.stop()
 
     async def _static(self, head: RequestHead, out: Responder) -> bool:
         """A web UI file, asked of llama-server with the backend key (no client key needed).
@@ -615,21 +608,12 @@ class Pipeline:
 
     async def _no_slot(self, conn: ClientConnection, out: Responder, forward: Forward) -> bool:
         """Wait for a no-slot place (MAX_CONCURRENT_TOKENIZE), then relay, watching the client."""
-        task = conn.channel.current_task()
-        watch = conn.watch()
-        try:
+        with _watching(conn, conn.channel.current_task()):
             await _enter(self.no_slot, out.ex.key_id, 1, "tokenizer place")
             try:
                 return await self.relay.run(out, forward, self.backends.any())
             finally:
                 self.no_slot.release()
-        except asyncio.CancelledError:
-            if not watch.gone:
-                raise
-            task.uncancel()
-            raise ClientGone() from None
-        finally:
-            watch.stop()
 
     @staticmethod
     def _settled(ex: Exchange, reserved: int) -> int:
@@ -665,6 +649,22 @@ class Pipeline:
         headers.append(("X-Request-ID", request_id))
         headers.extend(forwarded)
         return request_bytes(head.method, target, headers, body)
+
+
+@contextlib.contextmanager
+def _watching(conn: ClientConnection, task: asyncio.Task[Any]) -> Iterator[ClientWatch]:
+    """Watch the client while its request waits for or is with a backend: the cancellation
+    its leaving causes becomes ClientGone (``task`` uncancelled, so the answer can run)."""
+    watch = conn.watch()
+    try:
+        yield watch
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise
+        task.uncancel()
+        raise ClientGone() from None
+    finally:
+        watch.stop()
 
 
 async def _enter(admission: Admission, key_id: str, slots: int, what: str, weight: int = 1) -> None:
