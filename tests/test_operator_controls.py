@@ -29,12 +29,9 @@ from gguf_gateway.shared_limits import SharedLimits
 from support.make_model import write_model
 from support.procs import (
     ROOT,
-    Process,
-    answers,
-    free_port,
     http_get,
-    llama_server_bin,
     start_gateway,
+    start_llama_router,
     wait_until,
 )
 from support.redis_server import RedisServer
@@ -152,22 +149,8 @@ def router_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     models = base / "models"
     write_model(models / "tiny-a.gguf", seed=1)
     write_model(models / "tiny-b.gguf", seed=2)
-    port = free_port()
-    args = [
-        llama_server_bin(),
-        "--models-dir", str(models),
-        "--models-max", "2",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--api-key", BACKEND_KEY,
-        "-c", "2048",
-        "--threads", "1",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
-    proc = Process(args, env, base / "llama-server.log").start()
+    proc, port = start_llama_router(models, base / "llama-server.log", BACKEND_KEY)
     try:
-        wait_until(lambda: answers(port, "/health") or not proc.alive(), 60, "the router")
-        assert proc.alive(), proc.log()[-3000:]
         yield port
     finally:
         proc.stop()

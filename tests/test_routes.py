@@ -29,6 +29,7 @@ from support.procs import (
     free_port,
     llama_server_bin,
     start_gateway,
+    start_llama_router,
     free_ports,
     start_llama_server,
     wait_until,
@@ -529,22 +530,8 @@ def router_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandl
         write_model(models / f"{name}.gguf", fim=True)
     keys = root / "keys.txt"
     keys.write_text(f"alice:{ALICE}\nops:{OPS} scopes=inference,admin\n")
-    port = free_port()
-    args = [
-        llama_server_bin(),
-        "--models-dir", str(models),
-        "--models-max", "2",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--api-key", BACKEND_KEY,
-        "-c", "2048",
-        "--threads", "1",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
-    proc = Process(args, env, root / "llama-server.log").start()
+    proc, port = start_llama_router(models, root / "llama-server.log", BACKEND_KEY)
     try:
-        wait_until(lambda: answers(port, "/health") or not proc.alive(), 60, "the router")
-        assert proc.alive(), proc.log()[-3000:]
         gw_proc, gw_port = start_gateway(gateway_env(port, keys), root / "gateway.log")
         try:
             yield GatewayHandle(gw_proc, gw_port, Backend(proc, port, BACKEND_KEY, models))

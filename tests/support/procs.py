@@ -191,6 +191,30 @@ def start_llama_server(
     return proc, port
 
 
+def start_llama_router(models: Path, log_path: Path, api_key: str) -> tuple[Process, int]:
+    """llama-server in router mode over the models in ``models`` (as start.sh runs it), up."""
+    port = free_port()
+    args = [
+        llama_server_bin(),
+        "--models-dir", str(models),
+        "--models-max", "2",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--api-key", api_key,
+        "-c", "2048",
+        "--threads", "1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    proc = Process(args, env, log_path).start()
+    try:
+        wait_until(lambda: answers(port, "/health") or not proc.alive(), 60, "the router")
+        assert proc.alive(), proc.log()[-3000:]
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
 def start_gateway(
     env: Mapping[str, str],
     log_path: Path,
