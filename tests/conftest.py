@@ -12,6 +12,7 @@ import pytest
 
 from support.make_model import write_model
 from support.procs import Process, http_get, start_gateway, start_llama_server
+from support.redis_server import RedisServer
 
 BACKEND_KEY = "backend-test-key-0123456789"
 ALICE = "sk-alice-test-key-000000000000"
@@ -134,3 +135,13 @@ def make_gateway(backend: Backend, keys_file: Path, tmp_path: Path) -> Iterator[
     finally:
         for proc in started:
             proc.stop()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free port, stopped after the test."""
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -280,15 +280,6 @@ def test_a_gateway_restart_keeps_what_the_quota_has_spent(
 # ------------------------------------------------------------------ quotas through Redis
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_two_replicas_share_a_daily_quota_exactly(
     make_gateway: GatewayFactory, tmp_path: Path, redis: RedisServer
 ) -> None:
