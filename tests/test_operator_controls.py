@@ -10,7 +10,6 @@ import hashlib
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from support.procs import (
     start_llama_router,
     wait_until,
 )
+from support.rawhttp import held_stream
 from support.redis_server import RedisServer
 from test_keys_and_limits import health
 from test_limits_hold import post
@@ -412,26 +412,6 @@ def test_shared_quotas_roll_over_at_utc_midnight_and_never_overshoot(redis: Redi
 # ------------------------------------------------------------------ priority
 
 
-def hold_the_slot(gw: GatewayHandle, key: str) -> socket.socket:
-    """A stream that keeps the only slot busy until its socket is closed."""
-    body = json.dumps(
-        {
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 100000,
-            "stream": True,
-            "ignore_eos": True,
-        }
-    ).encode()
-    head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n"
-        f"Authorization: Bearer {key}\r\n\r\n"
-    ).encode()
-    held = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-    held.sendall(head + body)
-    assert held.recv(4096).startswith(b"HTTP/1.1 200")
-    return held
-
-
 def test_priority_sets_the_service_ratio_of_two_saturating_keys(
     make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
@@ -444,7 +424,7 @@ def test_priority_sets_the_service_ratio_of_two_saturating_keys(
         MAX_QUEUE_PER_KEY="16",
         QUEUE_TIMEOUT="300",
     )
-    held = hold_the_slot(gw, "sk-slot-holder-00")
+    held = held_stream(gw.port, "sk-slot-holder-00", 30)  # the only slot, busy
     keys = ["sk-priority-three"] * 9 + ["sk-priority-one-0"] * 3
     with ThreadPoolExecutor(len(keys)) as pool:
         futures = [pool.submit(chat, gw, key, 1) for key in keys]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import http.client
-import json
 import signal
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +15,7 @@ import pytest
 from conftest import GatewayFactory, GatewayHandle
 from support.fake_redis import FakeRedis, healthy
 from support.procs import wait_until
+from support.rawhttp import held_stream
 from support.redis_server import RedisServer
 from test_keys_and_limits import health
 from test_limits_hold import post, tokens_counted
@@ -79,23 +78,7 @@ def test_a_replica_killed_mid_request_gives_its_concurrency_back(
         "c:sk-shared-conc-00 concurrency=1\n",
         REDIS_LEASE_SECONDS="2",
     )
-    body = json.dumps(
-        # ignore_eos: a random model may end on EOS at once, and the held stream with it.
-        {
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 100000,
-            "stream": True,
-            "ignore_eos": True,
-        }
-    ).encode()
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n"
-        f"Authorization: Bearer sk-shared-conc-00\r\n\r\n"
-    ).encode()
-    with socket.create_connection(("127.0.0.1", a.port), timeout=10) as held:
-        held.sendall(head + body)
-        assert held.recv(4096).startswith(b"HTTP/1.1 200")  # streaming: its lease is held
-        # (not reading further: the stream stalls on backpressure, the request stays open)
+    with held_stream(a.port, "sk-shared-conc-00", 10):  # streaming: its lease is held
         assert chat(b, "sk-shared-conc-00") == 429
         a.proc.proc.send_signal(signal.SIGKILL)  # no drain, no release: only the lease's expiry
         started = time.monotonic()

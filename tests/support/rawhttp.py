@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -63,3 +64,31 @@ def one_response(port: int, data: bytes, timeout: float = 5.0) -> bytes:
                 break
             body += piece
         return head + b"\r\n\r\n" + body
+
+
+def held_stream(port: int, key: str, timeout: float) -> socket.socket:
+    """A chat stream that keeps its slot busy until its socket is closed.
+
+    Only the status line is read: the stream then stalls on backpressure and the request
+    stays open. ignore_eos: a random model may end on EOS at once, and the stream with it.
+    """
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 100000,
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n"
+        f"Authorization: Bearer {key}\r\n\r\n"
+    ).encode()
+    held = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        held.sendall(head + body)
+        assert held.recv(4096).startswith(b"HTTP/1.1 200")
+    except BaseException:
+        held.close()
+        raise
+    return held
