@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from typing import Any
 
 import pytest
 
 from gguf_gateway.cache_counters import conceal, conceal_payload, without_cache_metrics
 from gguf_gateway.http11 import LAST_CHUNK, ChunkedDecoder, Limits, chunk
-from gguf_gateway.pipe import PipeEvent, stream_pipe_type
+from gguf_gateway.pipe import PipeEvent
 from gguf_gateway.sse import UsageTally
 from support.loops import LOOPS, run
-from test_pipe import client_channel, received
+from test_pipe import client_channel, close_all, piped, received
 
 # The final chunk of an OpenAI chat stream from llama-server b11434, 7 of 12 prompt
 # tokens found in the cache.
@@ -113,11 +112,7 @@ def test_a_counter_in_the_second_half_of_a_split_chunk_is_still_concealed(
 
     async def body() -> None:
         client, reader = await client_channel()
-        ours, llama = socket.socketpair()
-        pipe = stream_pipe_type(client)(
-            client, decode=False, tally=UsageTally(), strip_usage=False, conceal=True
-        )
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: pipe, ours)
+        pipe, llama = await piped(client, conceal=True)
         first = chunk(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n')
         final = chunk(b"data: " + json.dumps(FINAL).encode() + b"\n\n")
         cut = final.index(b'"usage"') - 3  # before any mark
@@ -131,11 +126,7 @@ def test_a_counter_in_the_second_half_of_a_split_chunk_is_still_concealed(
         final_event = json.loads(events[1][6:])
         assert final_event["timings"]["cache_n"] == 0
         assert final_event["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-        assert pipe.backend is not None
-        pipe.backend.abort()
-        client.abort()
-        for sock in (reader, llama):
-            sock.close()
+        close_all(pipe, client, reader, llama)
 
     run(loop_name, body)
 

@@ -23,12 +23,23 @@ async def client_channel() -> tuple[Channel, socket.socket]:
     return channel, theirs
 
 
-async def piped(client: Channel) -> tuple[StreamPipe, socket.socket]:
+async def piped(client: Channel, conceal: bool = False) -> tuple[StreamPipe, socket.socket]:
     """A pipe reading from a stand-in llama-server (the returned socket) to ``client``."""
     ours, llama = socket.socketpair()
-    pipe = stream_pipe_type(client)(client, decode=False, tally=UsageTally(), strip_usage=False)
+    pipe = stream_pipe_type(client)(
+        client, decode=False, tally=UsageTally(), strip_usage=False, conceal=conceal
+    )
     await asyncio.get_running_loop().connect_accepted_socket(lambda: pipe, ours)
     return pipe, llama
+
+
+def close_all(pipe: StreamPipe, client: Channel, *peers: socket.socket) -> None:
+    """Drop both connections of a finished pipe and the test's own socket ends."""
+    assert pipe.backend is not None
+    pipe.backend.abort()
+    client.abort()
+    for sock in peers:
+        sock.close()
 
 
 def received(peer: socket.socket, size: int) -> bytes:
@@ -58,10 +69,6 @@ def test_a_stream_is_relayed_as_is_and_a_close_after_it_is_noticed(
         await asyncio.sleep(0.05)  # the close, if any, arrives
         assert pipe.backend_closed is closes
         assert received(reader, len(stream)) == stream and pipe.sent == len(stream)
-        assert pipe.backend is not None
-        pipe.backend.abort()
-        client.abort()
-        for sock in (reader, llama):
-            sock.close()
+        close_all(pipe, client, reader, llama)
 
     run(loop_name, body)
